@@ -1,0 +1,256 @@
+"""The public operations: compress a model file, validate one model against another.
+
+``compress`` is load -> pipeline of passes -> stage the output beside its final path -> validate the
+staged file against the original in onnxruntime -> rename into place only if validation passes (or
+``force``) -> report. The input model is never written; a failed run leaves no output behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx.defs
+
+from . import feeds as feeds_mod
+from . import io
+from .errors import OnnxCompressError, ValidationFailed
+from .graph import Model, unsupported_ops
+from .passes.base import PassContext, PassReport
+from .pipeline import Pipeline
+from .recipes import build_passes, default_tolerances
+from .validate import Tolerance, ValidationReport, compare
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET = 7
+
+
+@dataclasses.dataclass
+class FeedOptions:
+    """Where validation inputs come from (see ``onnxcompress.feeds``).
+
+    Attributes:
+        inputs: A ``.npz`` file or a folder of them; ``None`` uses the model's sidecar or generates.
+        shapes: ``{input: dims}`` for dynamic dimensions of generated inputs.
+        int_high: Generated integer inputs are drawn from ``[0, int_high)``.
+        labels: Integer labels (``.npy``) for accuracy; ``None`` uses the sidecar if any.
+        label_output: The output holding class scores (default: the first output).
+        num_generated: How many feeds to generate when none are given.
+        seed: Seed of generated feeds.
+    """
+
+    inputs: str | Path | None = None
+    shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    int_high: int = 100
+    labels: str | Path | None = None
+    label_output: str | None = None
+    num_generated: int = feeds_mod.DEFAULT_GENERATED_FEEDS
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class CompressionReport:
+    """What ``compress`` did: sizes, passes, validation, and where the output went."""
+
+    input: dict[str, Any]
+    output: dict[str, Any]
+    size_ratio: float
+    techniques: list[str]
+    passes: list[PassReport]
+    validation: ValidationReport | None
+    seconds: float
+    written: bool
+
+    @property
+    def passed(self) -> bool:
+        """Whether validation passed (True when validation was skipped)."""
+        return self.validation is None or self.validation.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report (keys are a public contract)."""
+        return {
+            "input": self.input,
+            "output": self.output,
+            "size_ratio": round(self.size_ratio, 6),
+            "techniques": self.techniques,
+            "passes": [p.to_dict() for p in self.passes],
+            "validation": self.validation.to_dict() if self.validation else None,
+            "seconds": round(self.seconds, 3),
+            "written": self.written,
+        }
+
+
+def check_runnable(model: Model) -> None:
+    """Refuse models onnxruntime cannot run: opset out of range or ops nobody defines.
+
+    Raises:
+        OnnxCompressError: naming the opset or the first unknown op.
+    """
+    max_opset = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= model.opset <= max_opset:
+        raise OnnxCompressError(
+            f"unsupported opset {model.opset}: onnxcompress handles opsets {MIN_OPSET} to {max_opset}"
+        )
+    bad = unsupported_ops(model)
+    if bad:
+        node, op, domain = bad[0]
+        where = f"{domain}::{op}" if domain else op
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise OnnxCompressError(
+            f"unsupported op {where} in node {node!r}{more}: onnxruntime has no kernel for it; "
+            "register the custom op or remove it before compressing"
+        )
+
+
+def resolve_feeds(
+    model: Model, model_path: Path, opts: FeedOptions
+) -> tuple[list[dict[str, np.ndarray]], str, np.ndarray | None]:
+    """Feeds, their source description, and labels, per :class:`FeedOptions`."""
+    signature = feeds_mod.input_signature(model)
+    source_path = Path(opts.inputs) if opts.inputs is not None else feeds_mod.sidecar_inputs(model_path)
+    if source_path is not None:
+        feeds = feeds_mod.load_feeds(source_path, signature)
+        source = str(source_path)
+        labels_path = (
+            opts.labels
+            if opts.labels is not None
+            else (feeds_mod.sidecar_labels(model_path) if opts.inputs is None else None)
+        )
+    else:
+        if opts.labels is not None:
+            raise OnnxCompressError("--labels needs --inputs: labels must belong to given inputs")
+        feeds = feeds_mod.generate_feeds(
+            signature, opts.shapes, count=opts.num_generated, int_high=opts.int_high, seed=opts.seed
+        )
+        source, labels_path = "generated", None
+    labels = feeds_mod.load_labels(labels_path) if labels_path is not None else None
+    return feeds, source, labels
+
+
+def compress(
+    model_path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    techniques: list[str],
+    *,
+    feeds: FeedOptions | None = None,
+    tolerances: list[str] | None = None,
+    force: bool = False,
+    external_data: bool | None = None,
+    max_memory: int | None = None,
+    validate: bool = True,
+) -> CompressionReport:
+    """Compress a model file and validate the result against the original.
+
+    Args:
+        model_path: The input ``.onnx`` (never modified).
+        output: Where to write the compressed model (``<output>.data`` too for external data).
+        techniques: Pass names from ``recipes.PASSES``, run in order.
+        feeds: Validation inputs (default: sidecar ``<stem>.inputs.npz`` or generated).
+        tolerances: Bounds like ``cosine>=0.999``; default: the techniques' defaults.
+        force: Overwrite an existing output, and write it even if validation fails.
+        external_data: Force external data on/off (default: only over ~1.8 GB).
+        max_memory: Memory budget in bytes for the loader's checks.
+        validate: Set False to skip validation (the model is then written unchecked).
+
+    Returns:
+        The report. If validation fails and not ``force``, raises :class:`ValidationFailed` carrying it.
+    """
+    start = time.perf_counter()
+    in_path, out_path = Path(model_path), Path(output)
+    io.check_output_path(out_path, force=force, protect=(in_path,))
+    tols = [Tolerance.parse(t) for t in (tolerances or default_tolerances(techniques))]
+    passes = build_passes(techniques)
+    model = io.load(in_path, max_memory=max_memory)
+    check_runnable(model)
+    in_size = _model_size(model)
+    feed_opts = feeds or FeedOptions()
+    feed_list, source, labels = resolve_feeds(model, in_path, feed_opts) if validate else ([], "none", None)
+    ctx = PassContext(feeds=feed_list)
+    pass_reports = Pipeline(passes).run(model, ctx)
+    staged = io.stage(model, out_path, external=external_data, force=force, protect=(in_path,))
+    del model
+    try:
+        report_v = None
+        if validate:
+            report_v = compare(
+                in_path,
+                staged.path,
+                feed_list,
+                tols,
+                labels=labels,
+                label_output=feed_opts.label_output,
+                feeds_source=source,
+            )
+        out_size = sum((staged.tmpdir / f).stat().st_size for f in staged.files)
+        write = report_v is None or report_v.passed or force
+        if write:
+            staged.commit()
+        else:
+            staged.discard()
+    except BaseException:
+        staged.discard()
+        raise
+    report = CompressionReport(
+        input={"path": str(in_path), "size_bytes": in_size},
+        output={
+            "path": str(out_path),
+            "size_bytes": out_size,
+            "written": write,
+            "files": [str(out_path.parent / f) for f in staged.files],
+        },
+        size_ratio=out_size / in_size if in_size else 1.0,
+        techniques=list(techniques),
+        passes=pass_reports,
+        validation=report_v,
+        seconds=time.perf_counter() - start,
+        written=write,
+    )
+    if report_v is not None and not report_v.passed:
+        what = "written anyway (--force)" if write else "not written"
+        raise ValidationFailed(f"validation failed ({report_v.failures[0]}); {out_path} {what}", report)
+    return report
+
+
+def _model_size(model: Model) -> int:
+    from .stats import model_size
+
+    return model_size(model)
+
+
+def validate(
+    original: str | os.PathLike[str],
+    candidate: str | os.PathLike[str],
+    *,
+    feeds: FeedOptions | None = None,
+    tolerances: list[str] | None = None,
+    max_memory: int | None = None,
+) -> ValidationReport:
+    """Compare two model files in onnxruntime on the same feeds.
+
+    Both files go through the loader's safety checks first. Returns the report whether it passed
+    or not (the CLI maps ``passed=False`` to exit 1).
+    """
+    a_path, b_path = Path(original), Path(candidate)
+    tols = [Tolerance.parse(t) for t in (tolerances or ["cosine>=0.999", "top1>=0.99"])]
+    a = io.load(a_path, max_memory=max_memory)
+    check_runnable(a)
+    b = io.load(b_path, max_memory=max_memory)
+    check_runnable(b)
+    feed_opts = feeds or FeedOptions()
+    feed_list, source, labels = resolve_feeds(a, a_path, feed_opts)
+    feeds_mod.check_feed(feed_list[0], feeds_mod.input_signature(b), "candidate inputs") if feed_list else None
+    del a, b
+    return compare(
+        a_path, b_path, feed_list, tols, labels=labels, label_output=feed_opts.label_output, feeds_source=source
+    )
+
+
+def load(path: str | os.PathLike[str], *, max_memory: int | None = None) -> Model:
+    """Load a model with the untrusted-input checks (see ``onnxcompress.io``)."""
+    return io.load(path, max_memory=max_memory)

@@ -1,0 +1,331 @@
+"""The ``onnxcompress`` command line: parse options, call the API, print. No logic lives here.
+
+Exit codes, everywhere: 0 ok, 1 validation failed, 2 bad input or usage (one line on stderr, never a
+traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import api
+from .errors import OnnxCompressError, ValidationFailed
+from .feeds import parse_shapes
+from .io import parse_size
+from .recipes import PASSES
+from .report import to_json, write_json
+from .stats import summarize
+from .validate import ValidationReport
+
+app = typer.Typer(
+    name="onnxcompress",
+    help="Compress ONNX models (quantize, fold, prune, ...) and validate the result in onnxruntime.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+# Shared options, defined once.
+InputsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--inputs",
+        help="A .npz of named inputs (one feed) or a folder of them. Default: <model>.inputs.npz beside the model, else generated.",
+    ),
+]
+ShapeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--shape",
+        help="Dims for a dynamic input of generated feeds, e.g. input=1x3x224x224 (repeatable). Unset dynamic dims are 1.",
+    ),
+]
+IntHighOpt = Annotated[int, typer.Option("--int-high", help="Generated integer inputs are drawn from [0, INT_HIGH).")]
+LabelsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--labels",
+        help="Integer labels (.npy) for accuracy. Default: <model>.labels.npy beside the model with its sidecar inputs.",
+    ),
+]
+LabelOutputOpt = Annotated[
+    str | None,
+    typer.Option("--label-output", help="Output holding class scores for --labels (default: the first output)."),
+]
+ToleranceOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tolerance",
+        "-t",
+        help="A bound such as cosine>=0.999, top1>=0.99, max_abs<=1e-3, snr_db>=30, accuracy_drop<=0.005; optionally OUTPUT:metric... (repeatable). Default: the technique's.",
+    ),
+]
+ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full JSON report here.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report instead of tables.")]
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option("--max-memory", help="Memory budget for declared tensor sizes, e.g. 8G (default: 75% of RAM)."),
+]
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress to stderr.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _feed_options(
+    inputs: Path | None, shape: list[str] | None, int_high: int, labels: Path | None, label_output: str | None
+) -> api.FeedOptions:
+    return api.FeedOptions(
+        inputs=inputs, shapes=parse_shapes(shape), int_high=int_high, labels=labels, label_output=label_output
+    )
+
+
+def _fmt(value: Any, spec: str = ".6g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _validation_table(report: ValidationReport) -> Table:
+    table = Table(
+        title=f"Validation on {report.num_feeds} feed(s), {report.num_samples} sample(s) ({report.feeds_source})"
+    )
+    for col in ("output", "max_abs", "mean_abs", "cosine (worst)", "snr_db", "top1", "result"):
+        table.add_column(col, justify="right" if col not in ("output", "result") else "left")
+    for d in report.outputs.values():
+        table.add_row(
+            d.name,
+            _fmt(d.max_abs, ".3g"),
+            _fmt(d.mean_abs, ".3g"),
+            _fmt(d.cosine, ".6f"),
+            _fmt(d.snr_db, ".1f"),
+            _fmt(d.top1_agreement, ".4f"),
+            "pass" if d.passed else "FAIL",
+        )
+    return table
+
+
+def _print_validation(report: ValidationReport) -> None:
+    out.print(_validation_table(report))
+    if report.accuracy is not None:
+        acc = report.accuracy
+        out.print(
+            f"accuracy ({acc['output']}): original {acc['original']:.4f}, candidate {acc['candidate']:.4f}, "
+            f"drop {acc['drop'] * 100:+.2f} points"
+        )
+    out.print(f"tolerances: {', '.join(report.tolerances)}")
+    out.print("validation: [green]passed[/]" if report.passed else "validation: [red]FAILED[/]")
+
+
+@app.command()
+def inspect(
+    model: Annotated[Path, typer.Argument(help="The .onnx model.")],
+    json_out: JsonOpt = False,
+    max_memory: MaxMemoryOpt = None,
+) -> None:
+    """Show sizes, parameters, bytes by dtype, ops, opsets, inputs/outputs and largest weights."""
+    m = api.load(model, max_memory=parse_size(max_memory) if max_memory else None)
+    s = summarize(m)
+    if json_out:
+        out.print_json(to_json(s.to_dict()))
+        return
+    out.print(
+        f"[bold]{s.path}[/]: {s.size_bytes:,} bytes ({s.external_data_bytes:,} external), "
+        f"{s.parameters:,} parameters, {s.nodes} nodes, {s.subgraphs} subgraphs, IR {s.ir_version}, "
+        f"opsets {', '.join(f'{k}={v}' for k, v in s.opsets.items())}"
+    )
+    io_table = Table(title="Inputs and outputs")
+    for col in ("kind", "name", "dtype", "shape"):
+        io_table.add_column(col)
+    for kind, items in (("input", s.inputs), ("output", s.outputs)):
+        for t in items:
+            shape = (
+                "?" if t["shape"] is None else "[" + ", ".join("?" if d is None else str(d) for d in t["shape"]) + "]"
+            )
+            io_table.add_row(kind, t["name"], t["dtype"], shape)
+    out.print(io_table)
+    dt = Table(title="Bytes by dtype")
+    dt.add_column("dtype")
+    dt.add_column("bytes", justify="right")
+    for k, v in s.bytes_by_dtype.items():
+        dt.add_row(k, f"{v:,}")
+    out.print(dt)
+    ops = Table(title="Ops")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for k, v in s.ops.items():
+        ops.add_row(k, str(v))
+    out.print(ops)
+    big = Table(title="Largest initializers")
+    for col in ("name", "dtype", "shape", "bytes"):
+        big.add_column(col, justify="right" if col == "bytes" else "left")
+    for t in s.largest_initializers:
+        big.add_row(t["name"], t["dtype"], str(t["shape"]), f"{t['bytes']:,}")
+    out.print(big)
+
+
+@app.command()
+def validate(
+    original: Annotated[Path, typer.Argument(help="The reference model.")],
+    candidate: Annotated[Path, typer.Argument(help="The model to check against it.")],
+    inputs: InputsOpt = None,
+    shape: ShapeOpt = None,
+    int_high: IntHighOpt = 100,
+    labels: LabelsOpt = None,
+    label_output: LabelOutputOpt = None,
+    tolerance: ToleranceOpt = None,
+    report: ReportOpt = None,
+    json_out: JsonOpt = False,
+    max_memory: MaxMemoryOpt = None,
+) -> None:
+    """Run both models in onnxruntime on the same inputs and compare every output (exit 1 on failure)."""
+    r = api.validate(
+        original,
+        candidate,
+        feeds=_feed_options(inputs, shape, int_high, labels, label_output),
+        tolerances=tolerance,
+        max_memory=parse_size(max_memory) if max_memory else None,
+    )
+    if report:
+        write_json(r.to_dict(), report)
+    if json_out:
+        out.print_json(to_json(r.to_dict()))
+    else:
+        _print_validation(r)
+    if not r.passed:
+        raise ValidationFailed(f"validation failed: {r.failures[0]}", r)
+
+
+@app.command()
+def compress(
+    model: Annotated[Path, typer.Argument(help="The .onnx model to compress (never modified).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the compressed model.")],
+    quantize: Annotated[
+        str | None,
+        typer.Option("--quantize", "-q", help="Quantization: int8-weights (per channel) or int8-weights-per-tensor."),
+    ] = None,
+    technique: Annotated[
+        list[str] | None,
+        typer.Option("--technique", help=f"Any registered pass, in order (repeatable): {', '.join(PASSES)}."),
+    ] = None,
+    inputs: InputsOpt = None,
+    shape: ShapeOpt = None,
+    int_high: IntHighOpt = 100,
+    labels: LabelsOpt = None,
+    label_output: LabelOutputOpt = None,
+    tolerance: ToleranceOpt = None,
+    report: ReportOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite an existing output, and write it even if validation fails.")
+    ] = False,
+    external_data: Annotated[
+        bool | None,
+        typer.Option(
+            "--external-data/--no-external-data", help="Store tensors in OUTPUT.data (default: only over ~1.8 GB)."
+        ),
+    ] = None,
+    skip_validation: Annotated[
+        bool, typer.Option("--skip-validation", help="Write without validating (not recommended).")
+    ] = False,
+    json_out: JsonOpt = False,
+    max_memory: MaxMemoryOpt = None,
+) -> None:
+    """Compress MODEL into OUTPUT, validate it against MODEL, and write it only if it passes."""
+    techniques = ([quantize] if quantize else []) + list(technique or [])
+    if not techniques:
+        raise OnnxCompressError("nothing to do: choose a technique, e.g. --quantize int8-weights")
+    failed: ValidationFailed | None = None
+    try:
+        r = api.compress(
+            model,
+            output,
+            techniques,
+            feeds=_feed_options(inputs, shape, int_high, labels, label_output),
+            tolerances=tolerance,
+            force=force,
+            external_data=external_data,
+            max_memory=parse_size(max_memory) if max_memory else None,
+            validate=not skip_validation,
+        )
+    except ValidationFailed as exc:
+        failed, r = exc, exc.report
+    if report:
+        write_json(r.to_dict(), report)
+    if json_out:
+        out.print_json(to_json(r.to_dict()))
+    else:
+        t = Table(title="Compression")
+        for col in ("pass", "changed", "seconds", "nodes", "weight bytes", "skipped"):
+            t.add_column(col, justify="left" if col == "pass" else "right")
+        for p in r.passes:
+            st = p.stats
+            t.add_row(
+                p.name,
+                "yes" if p.modified else "no",
+                f"{p.seconds:.3f}",
+                f"{st.get('nodes_before', '?')} -> {st.get('nodes_after', '?')}",
+                f"{st.get('bytes_before', 0):,} -> {st.get('bytes_after', 0):,}",
+                str(len(p.skipped)),
+            )
+        out.print(t)
+        out.print(
+            f"size: {r.input['size_bytes']:,} -> {r.output['size_bytes']:,} bytes "
+            f"(ratio {r.size_ratio:.3f}) in {r.seconds:.2f}s"
+        )
+        if r.validation is not None:
+            _print_validation(r.validation)
+        out.print(f"written: {r.output['path']}" if r.written else "[red]not written[/]")
+    if failed is not None:
+        raise failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code; every error becomes one line on stderr."""
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="onnxcompress", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except (click.Abort, KeyboardInterrupt):
+        err.print("onnxcompress: interrupted")
+        return 2
+    except ValidationFailed as exc:
+        err.print(f"onnxcompress: {exc}", markup=False, soft_wrap=True)
+        return 1
+    except OnnxCompressError as exc:
+        err.print(f"error: {exc}", markup=False, soft_wrap=True)
+        return 2
+    except MemoryError:
+        err.print("error: out of memory: lower the work size or raise the available memory", soft_wrap=True)
+        return 2
+    except Exception as exc:  # last resort: one line, never a traceback
+        logging.getLogger(__name__).debug("internal error", exc_info=True)
+        err.print(
+            f"error: internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "rerun with -v and report it",
+            markup=False,
+            soft_wrap=True,
+        )
+        return 2
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

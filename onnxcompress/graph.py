@@ -1,0 +1,248 @@
+"""The few helpers over onnx-graphsurgeon that every pass needs.
+
+All non-trivial graphsurgeon calls live here and in ``io.py``, so the IR could be swapped without
+touching the passes. A :class:`Model` is a graphsurgeon graph plus the model-level fields that
+graphsurgeon does not keep (metadata, doc string, model version).
+
+Graphsurgeon traps handled here:
+* tensors compare by *name*; identity checks here use ``id()``;
+* ``Graph.tensors()`` of a subgraph includes outer-scope tensors, so exporting with graphsurgeon
+  copies an outer weight into every branch that uses it. ``io.export_model`` places each constant
+  in the lowest graph that encloses all its users instead (see :func:`constant_placement`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+FLOAT_DTYPES = (np.float32, np.float16, np.float64)
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: the graphsurgeon graph and the model-level fields around it.
+
+    Attributes:
+        graph: The main graph (subgraphs hang off node attributes).
+        path: The file it was loaded from, if any.
+        ir_version: The ONNX IR version to write back.
+        metadata: Model-level fields graphsurgeon drops (``metadata_props``, ``doc_string``,
+            ``model_version``, ``domain``).
+    """
+
+    graph: gs.Graph
+    path: Any = None
+    ir_version: int | None = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def opset(self) -> int:
+        """The opset version of the default ONNX domain."""
+        return int(self.graph.opset)
+
+
+def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """Yield ``graph`` and every subgraph below it (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                yield from iter_graphs(attr)
+            elif isinstance(attr, (list, tuple)):
+                for item in attr:
+                    if isinstance(item, gs.Graph):
+                        yield from iter_graphs(item)
+
+
+def iter_nodes(graph: gs.Graph) -> Iterator[tuple[gs.Graph, gs.Node]]:
+    """Yield ``(owning graph, node)`` for every node in ``graph`` and all its subgraphs."""
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            yield g, node
+
+
+def count_nodes(graph: gs.Graph) -> int:
+    """Number of nodes, subgraphs included."""
+    return sum(len(g.nodes) for g in iter_graphs(graph))
+
+
+def _subgraph_children(graph: gs.Graph) -> Iterator[gs.Graph]:
+    for node in graph.nodes:
+        for attr in node.attrs.values():
+            if isinstance(attr, gs.Graph):
+                yield attr
+            elif isinstance(attr, (list, tuple)):
+                yield from (a for a in attr if isinstance(a, gs.Graph))
+
+
+class GraphTree:
+    """Parent links between a graph and its subgraphs, for placing shared tensors and nodes."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        self.root = graph
+        self.parent: dict[int, gs.Graph | None] = {id(graph): None}
+        self.depth: dict[int, int] = {id(graph): 0}
+        self.graphs: dict[int, gs.Graph] = {id(graph): graph}
+        self.node_graph: dict[int, gs.Graph] = {}
+        stack = [graph]
+        while stack:
+            g = stack.pop()
+            for node in g.nodes:
+                self.node_graph[id(node)] = g
+            for child in _subgraph_children(g):
+                self.parent[id(child)] = g
+                self.depth[id(child)] = self.depth[id(g)] + 1
+                self.graphs[id(child)] = child
+                stack.append(child)
+
+    def lca(self, a: gs.Graph, b: gs.Graph) -> gs.Graph:
+        """The lowest graph that encloses both ``a`` and ``b``."""
+        depth, parent = self.depth, self.parent
+        while depth[id(a)] > depth[id(b)]:
+            a = parent[id(a)]  # type: ignore[assignment]
+        while depth[id(b)] > depth[id(a)]:
+            b = parent[id(b)]  # type: ignore[assignment]
+        while a is not b:
+            a, b = parent[id(a)], parent[id(b)]  # type: ignore[assignment]
+        return a
+
+    def owner_of_users(self, tensor: gs.Tensor) -> gs.Graph:
+        """The lowest graph enclosing every node that reads ``tensor`` (the root if none)."""
+        owner: gs.Graph | None = None
+        for node in tensor.outputs:
+            g = self.node_graph.get(id(node))
+            if g is None:
+                continue
+            owner = g if owner is None else self.lca(owner, g)
+        return owner if owner is not None else self.root
+
+
+def constant_placement(graph: gs.Graph) -> dict[int, list[gs.Constant]]:
+    """Decide which graph owns each constant: the lowest common ancestor of all graphs using it.
+
+    Returns:
+        ``{id(graph): [constants to write as that graph's initializers]}``.
+    """
+    tree = GraphTree(graph)
+    owner: dict[int, gs.Graph] = {}
+    consts: dict[int, gs.Constant] = {}
+    for g in tree.graphs.values():
+        used = [t for n in g.nodes for t in n.inputs] + list(g.outputs)
+        for t in used:
+            if isinstance(t, gs.Constant):
+                consts[id(t)] = t
+                owner[id(t)] = g if id(t) not in owner else tree.lca(owner[id(t)], g)
+    placement: dict[int, list[gs.Constant]] = {gid: [] for gid in tree.graphs}
+    seen_names: dict[int, set[str]] = {gid: set() for gid in tree.graphs}
+    for cid, g in owner.items():
+        const = consts[cid]
+        if const.name in seen_names[id(g)]:
+            continue
+        seen_names[id(g)].add(const.name)
+        placement[id(g)].append(const)
+    return placement
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of ``tensor`` if it is constant (an initializer or a ``Constant`` node output)."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    if len(tensor.inputs) == 1:
+        producer = tensor.inputs[0]
+        if producer.op == "Constant" and producer.domain in ("", "ai.onnx", None):
+            value = producer.attrs.get("value")
+            if isinstance(value, gs.Constant):
+                return value.values
+    return None
+
+
+def is_constant(tensor: gs.Tensor) -> bool:
+    """Whether ``tensor`` holds a value known before run time (without loading it)."""
+    if isinstance(tensor, gs.Constant):
+        return True
+    if len(tensor.inputs) == 1:
+        producer = tensor.inputs[0]
+        return producer.op == "Constant" and isinstance(producer.attrs.get("value"), gs.Constant)
+    return False
+
+
+def constant_meta(tensor: gs.Tensor) -> tuple[tuple[int, ...], np.dtype] | None:
+    """Shape and dtype of a constant tensor without loading its values, or None."""
+    const = tensor
+    if not isinstance(tensor, gs.Constant):
+        if not is_constant(tensor):
+            return None
+        const = tensor.inputs[0].attrs["value"]
+    values = const._values
+    shape = tuple(int(d) for d in values.shape)
+    dtype = values.dtype
+    if isinstance(dtype, int):
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    return shape, np.dtype(dtype)
+
+
+def tensor_nbytes(tensor: gs.Constant) -> int:
+    """Bytes the constant occupies, without loading lazy values."""
+    values = tensor._values
+    nbytes = getattr(values, "nbytes", None)
+    if nbytes is not None:
+        return int(nbytes)
+    return int(np.asarray(values).nbytes)
+
+
+def fresh_name(names: set[str], base: str) -> str:
+    """A name not in ``names`` derived from ``base``; it is added to ``names``."""
+    if base not in names:
+        names.add(base)
+        return base
+    i = 1
+    while f"{base}_{i}" in names:
+        i += 1
+    names.add(f"{base}_{i}")
+    return f"{base}_{i}"
+
+
+def all_tensor_names(graph: gs.Graph) -> set[str]:
+    """Every tensor name in ``graph`` and its subgraphs (for collision-free renaming)."""
+    names: set[str] = set()
+    for g in iter_graphs(graph):
+        names.update(g.tensors().keys())
+        names.update(t.name for t in g.inputs)
+    return names
+
+
+KNOWN_RUNTIME_DOMAINS = ("com.microsoft", "com.microsoft.nchwc", "com.ms.internal.nhwc")
+
+
+def unsupported_ops(model: Model) -> list[tuple[str, str, str]]:
+    """Nodes whose op no schema or model-local function defines: ``[(node, op, domain)]``.
+
+    Standard domains are checked against onnx's schemas at the model's opset; onnxruntime's own
+    domains (``com.microsoft``) are left for onnxruntime to judge.
+    """
+    import onnx.defs
+
+    local = {(f.domain or "", f.name) for f in model.graph.functions}
+    versions = {(d.domain or ""): int(d.version) for d in (model.graph.import_domains or [])}
+    bad = []
+    for _, node in iter_nodes(model.graph):
+        domain = node.domain or ""
+        if domain == "ai.onnx":
+            domain = ""
+        if (domain, node.op) in local or domain in KNOWN_RUNTIME_DOMAINS:
+            continue
+        if domain in ("", "ai.onnx.ml", "ai.onnx.preview.training"):
+            version = versions.get(domain, model.opset if domain == "" else 1)
+            try:
+                onnx.defs.get_schema(node.op, max_inclusive_version=version, domain=domain)
+                continue
+            except onnx.defs.SchemaError:
+                pass
+        bad.append((node.name or "<unnamed>", node.op, domain))
+    return bad

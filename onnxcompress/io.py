@@ -1,0 +1,701 @@
+"""Loading and saving models, safely.
+
+Loading treats every model as untrusted:
+
+* the protobuf is parsed *without* external data; every external-data reference (initializers,
+  ``Constant`` attributes, subgraphs at any depth, functions) is then checked before a byte is read:
+  only the keys ``location/offset/length/checksum``; a relative ``location`` with no ``..``
+  component that resolves, through symlinks, to a regular file inside the model's folder; and
+  ``offset + length`` inside that file, with ``length`` equal to the size the tensor declares;
+* declared tensor sizes are checked against a memory budget (``max_memory``) before anything is
+  allocated, and absurd subgraph nesting or node counts are refused;
+* external tensors are then read lazily, one tensor at a time, from the checked file region.
+
+Saving never overwrites the input model nor its external-data file, never writes through a symlink,
+and is atomic: files are written into a temporary folder next to the output, flushed, then renamed
+into place. Models whose tensors exceed the 2 GB protobuf limit are written with external data
+automatically (or on request), streaming tensors one at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from .errors import OnnxCompressError
+from .graph import Model, constant_placement, iter_graphs
+
+log = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Above this many bytes of tensor data a model is written with external data automatically.
+AUTO_EXTERNAL_BYTES = 1_800_000_000
+# Tensors smaller than this stay inside the .onnx file when writing external data.
+EXTERNAL_MIN_BYTES = 1024
+EXTERNAL_KEYS = {"location", "offset", "length", "checksum"}
+MAX_SUBGRAPH_DEPTH = 64
+MAX_NODES = 5_000_000
+TMP_PREFIX = ".onnxcompress-tmp-"
+_ABS_KEY = "onnxcompress_abs_location"
+
+
+def default_max_memory() -> int:
+    """The default memory budget: 75% of physical RAM (4 GiB if RAM cannot be read)."""
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES")
+        page = os.sysconf("SC_PAGE_SIZE")
+        return int(pages * page * 0.75)
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+
+
+def parse_size(text: str) -> int:
+    """Parse ``'8G'``, ``'512M'``, ``'1.5GB'`` or a byte count."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1] if t and t[-1] in "KMGT" else ""
+    number = t[: len(t) - len(unit)] if unit else t
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise OnnxCompressError(f"bad size {text!r}: use a byte count or a number with K, M or G") from None
+    if value <= 0:
+        raise OnnxCompressError(f"bad size {text!r}: must be positive")
+    return int(value)
+
+
+# --------------------------------------------------------------------------- tensors in protos
+
+
+def _iter_graph_tensors(graph: onnx.GraphProto, depth: int = 0) -> Iterator[tuple[onnx.TensorProto, int]]:
+    """Yield every TensorProto in a graph proto (initializers, sparse values, node attributes,
+    subgraphs), with the subgraph depth."""
+    if depth > MAX_SUBGRAPH_DEPTH:
+        raise OnnxCompressError(f"model refused: subgraphs nested deeper than {MAX_SUBGRAPH_DEPTH} levels")
+    for t in graph.initializer:
+        yield t, depth
+    for st in graph.sparse_initializer:
+        yield st.values, depth
+        yield st.indices, depth
+    for node in graph.node:
+        for attr in node.attribute:
+            yield from _iter_attr_tensors(attr, depth)
+
+
+def _iter_attr_tensors(attr: onnx.AttributeProto, depth: int) -> Iterator[tuple[onnx.TensorProto, int]]:
+    if attr.HasField("t"):
+        yield attr.t, depth
+    for t in attr.tensors:
+        yield t, depth
+    if attr.HasField("sparse_tensor"):
+        yield attr.sparse_tensor.values, depth
+        yield attr.sparse_tensor.indices, depth
+    if attr.HasField("g"):
+        yield from _iter_graph_tensors(attr.g, depth + 1)
+    for g in attr.graphs:
+        yield from _iter_graph_tensors(g, depth + 1)
+
+
+def iter_model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of a model: all graphs, subgraphs and function bodies."""
+    for t, _ in _iter_graph_tensors(model.graph):
+        yield t
+    for fn in model.functions:
+        for node in fn.node:
+            for attr in node.attribute:
+                for t, _ in _iter_attr_tensors(attr, 1):
+                    yield t
+
+
+def _count_nodes(graph: onnx.GraphProto) -> int:
+    n = len(graph.node)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                n += _count_nodes(attr.g)
+            for g in attr.graphs:
+                n += _count_nodes(g)
+    return n
+
+
+def declared_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes a tensor declares through its dims and dtype (4-bit types packed two per byte)."""
+    count = 1
+    for d in tensor.dims:
+        if d < 0:
+            raise OnnxCompressError(f"model refused: tensor {tensor.name!r} has a negative dimension {d}")
+        count *= int(d)
+    if tensor.data_type in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
+        return 0
+    try:
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, ValueError, TypeError):
+        raise OnnxCompressError(
+            f"model refused: tensor {tensor.name!r} has unknown data type {tensor.data_type}"
+        ) from None
+    name = onnx.TensorProto.DataType.Name(tensor.data_type)
+    if name in ("INT4", "UINT4", "FLOAT4E2M1"):
+        return (count + 1) // 2
+    return count * np.dtype(np_dtype).itemsize
+
+
+def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def _set_external_info(tensor: onnx.TensorProto, info: dict[str, str]) -> None:
+    del tensor.external_data[:]
+    for k, v in info.items():
+        entry = tensor.external_data.add()
+        entry.key, entry.value = k, str(v)
+
+
+def resolve_external(tensor: onnx.TensorProto, base_dir: Path) -> tuple[Path, int, int]:
+    """Check an external-data reference and return ``(file, offset, length)``.
+
+    Raises:
+        OnnxCompressError: for unknown keys, absolute or ``..`` locations, a location that resolves
+            (through symlinks) outside ``base_dir`` or to a non-regular file, a missing file, or an
+            offset/length outside the file or not matching the declared tensor size.
+    """
+    info = _external_info(tensor)
+    name = tensor.name or "<unnamed>"
+    unknown = set(info) - EXTERNAL_KEYS
+    if unknown:
+        raise OnnxCompressError(f"model refused: tensor {name!r} has unknown external-data keys {sorted(unknown)}")
+    location = info.get("location", "")
+    if not location:
+        raise OnnxCompressError(f"model refused: tensor {name!r} has external data without a location")
+    parts = Path(location.replace("\\", "/")).parts
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location or ".." in parts:
+        raise OnnxCompressError(
+            f"model refused: external data of tensor {name!r} points outside the model folder ({location!r})"
+        )
+    base = base_dir.resolve()
+    target = (base / location).resolve()
+    if base != target and base not in target.parents:
+        raise OnnxCompressError(
+            f"model refused: external data of tensor {name!r} resolves outside the model folder "
+            f"through a symlink ({location!r})"
+        )
+    try:
+        st = target.stat()
+    except FileNotFoundError:
+        raise OnnxCompressError(
+            f"external data file {location!r} of tensor {name!r} is missing: copy it next to the model"
+        ) from None
+    except OSError as exc:
+        raise OnnxCompressError(f"cannot read external data file {location!r}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise OnnxCompressError(f"model refused: external data of tensor {name!r} is not a regular file ({location!r})")
+    try:
+        offset = int(info.get("offset", "0"))
+        expected = declared_nbytes(tensor)
+        length = int(info["length"]) if "length" in info else expected
+    except ValueError:
+        raise OnnxCompressError(f"model refused: tensor {name!r} has a non-numeric external offset/length") from None
+    if offset < 0 or length < 0 or offset + length > st.st_size:
+        raise OnnxCompressError(
+            f"model refused: external data of tensor {name!r} (offset {offset}, length {length}) "
+            f"lies beyond the end of {location!r} ({st.st_size} bytes)"
+        )
+    if length != expected:
+        raise OnnxCompressError(
+            f"model refused: tensor {name!r} declares {expected} bytes but its external data has {length}"
+        )
+    return target, offset, length
+
+
+class ExternalValues(LazyValues):
+    """Lazy values read from a checked region of an external-data file, one tensor at a time."""
+
+    def __init__(self, tensor: onnx.TensorProto, path: Path, offset: int, length: int) -> None:
+        super().__init__(tensor)
+        self.path, self.offset, self.length = path, offset, length
+
+    def load(self) -> np.ndarray:
+        """Read the tensor from its file region (never more than ``length`` bytes)."""
+        np_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type))
+        shape = tuple(int(d) for d in self.tensor.dims)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            if np_dtype.itemsize * int(np.prod(shape, dtype=np.int64)) == self.length and np_dtype.kind in "fiub":
+                arr = np.fromfile(f, dtype=np_dtype.newbyteorder("<"), count=int(np.prod(shape, dtype=np.int64)))
+                return arr.astype(np_dtype, copy=False).reshape(shape)
+            raw = f.read(self.length)
+        proto = onnx.TensorProto()
+        proto.CopyFrom(self.tensor)
+        del proto.external_data[:]
+        proto.data_location = onnx.TensorProto.DEFAULT
+        proto.raw_data = raw
+        return np.array(onnx.numpy_helper.to_array(proto))
+
+
+def read_external_bytes(tensor: onnx.TensorProto, chunk: int = 64 * 2**20) -> Iterator[bytes]:
+    """Stream the bytes of a loaded external tensor (one whose location was resolved at load)."""
+    info = _external_info(tensor)
+    path = info[_ABS_KEY] if _ABS_KEY in info else info["location"]
+    offset, length = int(info.get("offset", "0")), int(info["length"])
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left > 0:
+            block = f.read(min(chunk, left))
+            if not block:
+                raise OnnxCompressError(f"external data of tensor {tensor.name!r} ended early in {path}")
+            left -= len(block)
+            yield block
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise OnnxCompressError(f"model file not found: {path}")
+    if path.is_dir():
+        raise OnnxCompressError(f"{path} is a folder, not an .onnx model file")
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise OnnxCompressError(f"{path} is not a regular file")
+    if path.stat().st_size == 0:
+        raise OnnxCompressError(f"{path} is empty, not an ONNX model")
+    if path.stat().st_size > PROTOBUF_LIMIT:
+        raise OnnxCompressError(f"{path} is over 2 GB; protobuf cannot parse it: save the model with external data")
+
+
+def read_proto(path: str | os.PathLike[str], max_memory: int | None = None) -> onnx.ModelProto:
+    """Parse and check a model file without reading external data.
+
+    External-data references are checked (see module docstring) and their ``location`` is resolved
+    to the checked absolute path, kept in a private key for lazy reading.
+
+    Raises:
+        OnnxCompressError: on any unreadable, malformed or unsafe model.
+    """
+    path = Path(path)
+    _check_file(path)
+    budget = max_memory if max_memory is not None else default_max_memory()
+    model = onnx.ModelProto()
+    try:
+        with open(path, "rb") as f:
+            model.ParseFromString(f.read())
+    except DecodeError:
+        raise OnnxCompressError(f"{path} is not a valid ONNX model (truncated or not a protobuf file)") from None
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise OnnxCompressError(f"cannot read {path}: {exc}") from None
+    if model.ir_version <= 0 or not model.HasField("graph"):
+        raise OnnxCompressError(f"{path} is not an ONNX model (no IR version or graph in the file)")
+    if _count_nodes(model.graph) > MAX_NODES:
+        raise OnnxCompressError(f"model refused: more than {MAX_NODES} nodes")
+    total = 0
+    base_dir = path.parent
+    for tensor in iter_model_tensors(model):
+        size = declared_nbytes(tensor)
+        if size > budget:
+            raise OnnxCompressError(
+                f"model refused: tensor {tensor.name!r} declares {size / 2**30:.1f} GiB, over the memory "
+                f"budget of {budget / 2**30:.1f} GiB (raise it with --max-memory)"
+            )
+        total += size
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            target, offset, length = resolve_external(tensor, base_dir)
+            info = _external_info(tensor)
+            info.pop("checksum", None)
+            info.update({_ABS_KEY: str(target), "offset": str(offset), "length": str(length)})
+            _set_external_info(tensor, info)
+        elif (
+            tensor.HasField("raw_data") and len(tensor.raw_data) != size and tensor.data_type != onnx.TensorProto.STRING
+        ):
+            raise OnnxCompressError(
+                f"model refused: tensor {tensor.name!r} declares {size} bytes but holds {len(tensor.raw_data)}"
+            )
+    if total > budget:
+        raise OnnxCompressError(
+            f"model refused: its tensors declare {total / 2**30:.1f} GiB, over the memory budget of "
+            f"{budget / 2**30:.1f} GiB (raise it with --max-memory)"
+        )
+    return model
+
+
+def _attach_external_values(graph: gs.Graph) -> None:
+    """Replace graphsurgeon's LazyValues of external tensors by bounded readers."""
+
+    def fix(const: gs.Constant) -> None:
+        values = const._values
+        if isinstance(values, LazyValues) and not isinstance(values, ExternalValues):
+            proto = values.tensor
+            if isinstance(proto, onnx.TensorProto) and proto.data_location == onnx.TensorProto.EXTERNAL:
+                info = _external_info(proto)
+                const._values = ExternalValues(proto, Path(info[_ABS_KEY]), int(info["offset"]), int(info["length"]))
+
+    for g in iter_graphs(graph):
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant):
+                fix(t)
+        for node in g.nodes:
+            for v in node.attrs.values():
+                if isinstance(v, gs.Constant):
+                    fix(v)
+
+
+def from_proto(proto: onnx.ModelProto, path: Path | None = None) -> Model:
+    """Import a checked ModelProto into a :class:`Model` (the proto can be dropped afterwards)."""
+    try:
+        graph = gs.import_onnx(proto)
+    except Exception as exc:  # graphsurgeon raises bare exceptions on malformed graphs
+        raise OnnxCompressError(
+            f"cannot import model graph: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    _attach_external_values(graph)
+    metadata = {
+        "metadata_props": {p.key: p.value for p in proto.metadata_props},
+        "doc_string": proto.doc_string,
+        "model_version": proto.model_version,
+        "domain": proto.domain,
+    }
+    return Model(graph=graph, path=path, ir_version=proto.ir_version, metadata=metadata)
+
+
+def load(path: str | os.PathLike[str], *, max_memory: int | None = None) -> Model:
+    """Load a model from disk, checking it as untrusted input.
+
+    Args:
+        path: The ``.onnx`` file; external data is read from its folder, lazily, per tensor.
+        max_memory: Memory budget in bytes for declared tensor sizes (default 75% of RAM).
+
+    Raises:
+        OnnxCompressError: the file is missing, not ONNX, truncated, or unsafe.
+    """
+    path = Path(path)
+    proto = read_proto(path, max_memory=max_memory)
+    return from_proto(proto, path=path)
+
+
+# --------------------------------------------------------------------------- export
+
+
+class _Exporter:
+    """Scope-aware export of a graphsurgeon graph (see graph.py for why graphsurgeon's is not used)."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+        self._gs = OnnxExporter
+        self._placement = constant_placement(graph)
+
+    def graph(self, graph: gs.Graph, do_type_check: bool) -> onnx.GraphProto:
+        ex = self._gs
+        nodes = [self.node(n) for n in graph.nodes]
+        inputs = [ex.export_value_info_proto(t, do_type_check) for t in graph.inputs]
+        outputs = [ex.export_value_info_proto(t, do_type_check) for t in graph.outputs]
+        local = self._placement.get(id(graph), [])
+        io_names = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+        initializer = [ex.export_tensor_proto(t) for t in local if t.name not in {i.name for i in graph.inputs}]
+        value_info = [
+            ex.export_value_info_proto(t, do_type_check)
+            for n in graph.nodes
+            for t in n.outputs
+            if isinstance(t, gs.Variable) and t.name not in io_names and (t.dtype is not None or t.shape is not None)
+        ]
+        return onnx.helper.make_graph(
+            nodes=nodes,
+            name=graph.name,
+            inputs=inputs,
+            outputs=outputs,
+            initializer=initializer,
+            doc_string=graph.doc_string,
+            value_info=value_info,
+        )
+
+    def node(self, node: gs.Node) -> onnx.NodeProto:
+        proto = onnx.helper.make_node(
+            node.op,
+            inputs=[t.name for t in node.inputs],
+            outputs=[t.name for t in node.outputs],
+            name=node.name,
+            domain=node.domain,
+        )
+        for key, val in node.attrs.items():
+            if isinstance(val, gs.Graph):
+                proto.attribute.append(onnx.helper.make_attribute(key, self.graph(val, do_type_check=False)))
+            elif isinstance(val, (list, tuple)) and val and all(isinstance(v, gs.Graph) for v in val):
+                graphs = [self.graph(v, do_type_check=False) for v in val]
+                proto.attribute.append(onnx.helper.make_attribute(key, graphs))
+            else:
+                proto.attribute.extend(self._gs.export_attributes({key: val}))
+        return proto
+
+
+def export_model(model: Model) -> onnx.ModelProto:
+    """Build a ModelProto from a :class:`Model`; external tensors stay references (not read)."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
+
+    graph = model.graph
+    graph.toposort(recurse_subgraphs=True)
+    graph_proto = _Exporter(graph).graph(graph, do_type_check=True)
+    functions = [OnnxExporter.export_function(f) for f in graph.functions]
+    proto = onnx.helper.make_model(graph_proto, opset_imports=update_import_domains(graph), functions=functions)
+    proto.producer_name = graph.producer_name or "onnxcompress"
+    proto.producer_version = graph.producer_version or ""
+    if model.ir_version:
+        proto.ir_version = max(int(model.ir_version), 7)
+    meta = model.metadata
+    for k, v in meta.get("metadata_props", {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.doc_string = meta.get("doc_string", "") or ""
+    proto.model_version = int(meta.get("model_version", 0) or 0)
+    proto.domain = meta.get("domain", "") or ""
+    return proto
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _source_files(proto: onnx.ModelProto) -> set[Path]:
+    files = set()
+    for t in iter_model_tensors(proto):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = _external_info(t)
+            if _ABS_KEY in info:
+                files.add(Path(info[_ABS_KEY]))
+    return files
+
+
+def check_output_path(out: Path, *, force: bool, protect: list[Path] | tuple[Path, ...] = ()) -> None:
+    """Refuse output paths that would lose data.
+
+    Raises:
+        OnnxCompressError: the output is an input (or its data file), a folder, a symlink, or exists
+            without ``force``, or its folder is missing.
+    """
+    for p in protect:
+        if p is not None and (Path(os.path.abspath(out)) == Path(os.path.abspath(p)) or _same_file(out, Path(p))):
+            raise OnnxCompressError(f"output path {out} is the input model: choose another output path")
+    if out.is_symlink():
+        raise OnnxCompressError(f"output path {out} is a symlink: refusing to write through it")
+    if out.exists() and out.is_dir():
+        raise OnnxCompressError(f"output path {out} is a folder: give a file name ending in .onnx")
+    if out.exists() and not force:
+        raise OnnxCompressError(f"output file {out} exists: pass --force to overwrite it")
+    if not out.parent.exists():
+        raise OnnxCompressError(f"output folder {out.parent} does not exist")
+
+
+def _total_bytes(proto: onnx.ModelProto) -> int:
+    total = 0
+    for t in iter_model_tensors(proto):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(_external_info(t).get("length", "0"))
+        else:
+            total += len(t.raw_data) if t.HasField("raw_data") else 0
+    return total
+
+
+def _inline_external(proto: onnx.ModelProto) -> None:
+    for t in iter_model_tensors(proto):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            t.raw_data = b"".join(read_external_bytes(t))
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+
+
+def _write_external(proto: onnx.ModelProto, data_path: Path) -> None:
+    """Move every tensor of at least EXTERNAL_MIN_BYTES into ``data_path``, streaming."""
+    location = data_path.name
+    offset = 0
+    with open(data_path, "wb") as f:
+        for t in iter_model_tensors(proto):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                pad = (-offset) % 64
+                f.write(b"\0" * pad)
+                offset += pad
+                length = 0
+                for block in read_external_bytes(t):
+                    f.write(block)
+                    length += len(block)
+            elif t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_MIN_BYTES:
+                pad = (-offset) % 64
+                f.write(b"\0" * pad)
+                offset += pad
+                length = len(t.raw_data)
+                f.write(t.raw_data)
+                t.ClearField("raw_data")
+            else:
+                continue
+            _set_external_info(t, {"location": location, "offset": offset, "length": length})
+            t.data_location = onnx.TensorProto.EXTERNAL
+            offset += length
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def clean_stale_temp(folder: Path) -> None:
+    """Remove temp folders left in ``folder`` by onnxcompress processes that no longer run."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(TMP_PREFIX) or not entry.is_dir() or entry.is_symlink():
+            continue
+        try:
+            pid = int(entry.name[len(TMP_PREFIX) :].split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        elif entry.exists():
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+class StagedModel:
+    """A model written to a temp folder beside its final path, not yet visible there.
+
+    Use :meth:`commit` to rename it into place (atomic per file) or :meth:`discard`.
+    """
+
+    def __init__(self, out: Path, tmpdir: Path, files: list[str]) -> None:
+        self.out, self.tmpdir, self.files = out, tmpdir, files
+
+    @property
+    def path(self) -> Path:
+        """Where the staged .onnx file lies now (to validate it before committing)."""
+        return self.tmpdir / self.out.name
+
+    def commit(self) -> Path:
+        """Rename the staged files into place: the data file first, the .onnx file last."""
+        for name in sorted(self.files, key=lambda n: n == self.out.name):
+            os.replace(self.tmpdir / name, self.out.parent / name)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        return self.out
+
+    def discard(self) -> None:
+        """Delete the staged files."""
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def stage(
+    model: Model | onnx.ModelProto,
+    out: str | os.PathLike[str],
+    *,
+    external: bool | None = None,
+    force: bool = False,
+    protect: tuple[Path, ...] = (),
+) -> StagedModel:
+    """Write ``model`` into a temp folder next to ``out`` (see :class:`StagedModel`).
+
+    Args:
+        model: The model to write.
+        out: The final path.
+        external: Write tensors to ``<out>.data``; ``None`` decides by size (over ~1.8 GB).
+        force: Allow replacing an existing output file.
+        protect: Paths that must never be written (the input model).
+    """
+    out = Path(out)
+    check_output_path(out, force=force, protect=protect)
+    proto = export_model(model) if isinstance(model, Model) else model
+    data_name = out.name + ".data"
+    data_final = out.parent / data_name
+    sources = _source_files(proto)
+    if any(_same_file(data_final, s) for s in sources) or any(_same_file(data_final, Path(p)) for p in protect if p):
+        raise OnnxCompressError(f"output data file {data_final} is used by the input model: choose another output name")
+    if external is None:
+        external = _total_bytes(proto) > AUTO_EXTERNAL_BYTES
+    clean_stale_temp(out.parent)
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=out.parent))
+    except OSError as exc:
+        raise OnnxCompressError(f"cannot write to {out.parent}: {exc.strerror}") from None
+    files = [out.name]
+    try:
+        if external:
+            _write_external(proto, tmpdir / data_name)
+            files.append(data_name)
+        else:
+            _inline_external(proto)
+        size = proto.ByteSize()
+        if size > PROTOBUF_LIMIT:
+            raise OnnxCompressError("model is over 2 GB: save it with external data (--external-data)")
+        with open(tmpdir / out.name, "wb") as f:
+            f.write(proto.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise OnnxCompressError(f"cannot write {out}: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        raise
+    return StagedModel(out, tmpdir, files)
+
+
+def save(
+    model: Model | onnx.ModelProto,
+    out: str | os.PathLike[str],
+    *,
+    external: bool | None = None,
+    force: bool = False,
+) -> Path:
+    """Write a model atomically; never overwrites its source model.
+
+    Args:
+        model: The model to save.
+        out: Output ``.onnx`` path. External data goes to ``<out>.data`` beside it.
+        external: Force external data on/off; ``None`` (default) uses it above ~1.8 GB of tensors.
+        force: Replace an existing output file.
+
+    Returns:
+        The output path.
+    """
+    protect = (Path(model.path),) if isinstance(model, Model) and model.path else ()
+    staged = stage(model, out, external=external, force=force, protect=protect)
+    try:
+        return staged.commit()
+    except OSError as exc:
+        staged.discard()
+        raise OnnxCompressError(f"cannot write {out}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def temporary_model_path(model: Model) -> Iterator[Path]:
+    """Write ``model`` to a private temp folder and yield the path (for onnxruntime sessions)."""
+    with tempfile.TemporaryDirectory(prefix="onnxcompress-") as d:
+        staged = stage(model, Path(d) / "model.onnx")
+        yield staged.commit()
+
+
+def file_size(path: str | os.PathLike[str]) -> int:
+    """Size of a model on disk, its external-data files included."""
+    path = Path(path)
+    total = path.stat().st_size
+    proto = read_proto(path)
+    for f in _source_files(proto):
+        total += f.stat().st_size
+    return total

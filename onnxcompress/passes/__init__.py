@@ -1,0 +1,1 @@
+"""Graph transforms. One technique per module; register new passes in ``onnxcompress.recipes``."""

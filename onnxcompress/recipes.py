@@ -1,0 +1,50 @@
+"""The registry of passes and the default tolerances of each technique.
+
+``PASSES`` is an explicit dict: adding a technique means writing its module under ``passes/`` and
+adding one line here. Nothing is registered by import side effects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .errors import OnnxCompressError
+from .passes.base import Pass
+from .passes.quantize import Int8WeightsConfig, Int8WeightsPass
+
+PASSES: dict[str, Callable[[], Pass]] = {
+    "int8-weights": lambda: Int8WeightsPass(Int8WeightsConfig()),
+    "int8-weights-per-tensor": lambda: Int8WeightsPass(Int8WeightsConfig(per_channel=False)),
+}
+
+# Tolerances applied when the user gives none: the loosest that still marks a broken model.
+# cosine is the worst sample's cosine similarity; accuracy_drop applies only when labels are given.
+DEFAULT_TOLERANCES: dict[str, list[str]] = {
+    "int8-weights": ["cosine>=0.99", "top1>=0.98", "accuracy_drop<=0.01"],
+    "int8-weights-per-tensor": ["cosine>=0.98", "top1>=0.95", "accuracy_drop<=0.02"],
+}
+LOSSLESS_TOLERANCES = ["max_abs<=1e-4"]
+
+
+def build_passes(names: list[str]) -> list[Pass]:
+    """Instantiate the passes named in ``names``, in order.
+
+    Raises:
+        OnnxCompressError: for an unknown pass name.
+    """
+    passes = []
+    for name in names:
+        if name not in PASSES:
+            raise OnnxCompressError(f"unknown technique {name!r}: choose from {', '.join(sorted(PASSES))}")
+        passes.append(PASSES[name]())
+    return passes
+
+
+def default_tolerances(names: list[str]) -> list[str]:
+    """Default tolerances for a list of passes: the union of each lossy pass's defaults."""
+    out: list[str] = []
+    for name in names:
+        for tol in DEFAULT_TOLERANCES.get(name, []):
+            if tol not in out:
+                out.append(tol)
+    return out or list(LOSSLESS_TOLERANCES)

@@ -1,0 +1,155 @@
+"""Tiny seeded models built with onnx.helper, and shared assertions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _model(graph: onnx.GraphProto, opset: int = 17) -> onnx.ModelProto:
+    m = h.make_model(graph, opset_imports=[h.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def matmul_model(m: int = 4, k: int = 64, n: int = 32, seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """x[?, m, k] @ W[k, n] + b -> Relu -> @ W2[n, 10]."""
+    rng = _rng(seed)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    w2 = rng.standard_normal((n, 10)).astype(np.float32)
+    nodes = [
+        h.make_node("MatMul", ["x", "W"], ["mm"], name="mm1"),
+        h.make_node("Add", ["mm", "b"], ["add"], name="add1"),
+        h.make_node("Relu", ["add"], ["relu"], name="relu1"),
+        h.make_node("MatMul", ["relu", "W2"], ["y"], name="mm2"),
+    ]
+    g = h.make_graph(
+        nodes,
+        "matmul",
+        [h.make_tensor_value_info("x", T.FLOAT, ["batch", m, k])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["batch", m, 10])],
+        [nh.from_array(w, "W"), nh.from_array(b, "b"), nh.from_array(w2, "W2")],
+    )
+    return _model(g, opset)
+
+
+def conv_model(seed: int = 0, opset: int = 17, constant_nodes: bool = False) -> onnx.ModelProto:
+    """Conv(3->16, 3x3) -> Relu -> ConvTranspose(16->8) -> Flatten -> Gemm(transB=1) -> logits[?, 10]."""
+    rng = _rng(seed)
+    w1 = (rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32)
+    b1 = rng.standard_normal(16).astype(np.float32)
+    w2 = (rng.standard_normal((16, 8, 2, 2)) * 0.3).astype(np.float32)
+    wg = (rng.standard_normal((10, 8 * 12 * 12)) * 0.05).astype(np.float32)
+    bg = rng.standard_normal(10).astype(np.float32)
+    consts = {"W1": w1, "B1": b1, "W2": w2, "WG": wg, "BG": bg}
+    nodes = [
+        h.make_node("Conv", ["x", "W1", "B1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        h.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        h.make_node("ConvTranspose", ["r1", "W2"], ["c2"], name="deconv", strides=[2, 2]),
+        h.make_node("Flatten", ["c2"], ["f"], name="flatten", axis=1),
+        h.make_node("Gemm", ["f", "WG", "BG"], ["logits"], name="gemm", transB=1),
+    ]
+    inits = []
+    if constant_nodes:
+        nodes = [
+            h.make_node("Constant", [], [k], name=f"const_{k}", value=nh.from_array(v, k + "_value"))
+            for k, v in consts.items()
+        ] + nodes
+    else:
+        inits = [nh.from_array(v, k) for k, v in consts.items()]
+    g = h.make_graph(
+        nodes,
+        "conv",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 3, 6, 6])],
+        [h.make_tensor_value_info("logits", T.FLOAT, ["N", 10])],
+        inits,
+    )
+    return _model(g, opset)
+
+
+def if_model(seed: int = 0, shared: bool = True) -> onnx.ModelProto:
+    """If(cond) with MatMul weights in both branches; ``shared`` puts one outer weight in both."""
+    rng = _rng(seed)
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    w_else = rng.standard_normal((32, 16)).astype(np.float32)
+    then_g = h.make_graph(
+        [h.make_node("MatMul", ["x", "W"], ["t_out"], name="then_mm")],
+        "then",
+        [],
+        [h.make_tensor_value_info("t_out", T.FLOAT, None)],
+    )
+    else_inits = [] if shared else [nh.from_array(w_else, "W_else")]
+    else_nodes = [
+        h.make_node("MatMul", ["x", "W" if shared else "W_else"], ["e_mm"], name="else_mm"),
+        h.make_node("Neg", ["e_mm"], ["e_out"], name="else_neg"),
+    ]
+    else_g = h.make_graph(else_nodes, "else", [], [h.make_tensor_value_info("e_out", T.FLOAT, None)], else_inits)
+    g = h.make_graph(
+        [h.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g)],
+        "ifm",
+        [h.make_tensor_value_info("cond", T.BOOL, []), h.make_tensor_value_info("x", T.FLOAT, ["N", 32])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 16])],
+        [nh.from_array(w, "W")],
+    )
+    return _model(g)
+
+
+def custom_op_model() -> onnx.ModelProto:
+    """A model with an op nobody defines (domain my.custom)."""
+    g = h.make_graph(
+        [h.make_node("Frobnicate", ["x"], ["y"], domain="my.custom")],
+        "custom",
+        [h.make_tensor_value_info("x", T.FLOAT, [1, 4])],
+        [h.make_tensor_value_info("y", T.FLOAT, [1, 4])],
+    )
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("my.custom", 1)])
+    m.ir_version = 8
+    return m
+
+
+def save(model: onnx.ModelProto, path: Path, external: bool = False) -> Path:
+    """Save with onnx itself (the reference writer), optionally with external data."""
+    path = Path(path)
+    if external:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + ".data",
+            size_threshold=0,
+        )
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def run(path: Path | str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a model file in onnxruntime."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, feed)
+
+
+def assert_equivalent(
+    original: Path | str,
+    candidate: Path | str,
+    feeds: list[dict[str, np.ndarray]],
+    atol: float = 0.0,
+    rtol: float = 0.0,
+) -> None:
+    """Both models give the same outputs on every feed, within atol/rtol."""
+    for feed in feeds:
+        for a, b in zip(run(original, feed), run(candidate, feed)):
+            np.testing.assert_allclose(b, a, atol=atol, rtol=rtol)
