@@ -80,7 +80,7 @@ class CompressionReport:
             "size_ratio": round(self.size_ratio, 6),
             "techniques": self.techniques,
             "passes": [p.to_dict() for p in self.passes],
-            "validation": self.validation.to_dict() if self.validation else None,
+            "validation": self.validation.to_dict() if self.validation is not None else None,
             "seconds": round(self.seconds, 3),
             "written": self.written,
         }

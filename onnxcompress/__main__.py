@@ -1,0 +1,5 @@
+"""``python -m onnxcompress`` runs the command line."""
+
+from .cli import run
+
+run()

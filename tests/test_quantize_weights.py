@@ -1,0 +1,144 @@
+"""Weight-only int8: structure, the error bound from the maths, subgraphs, old opsets, determinism."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from _models import conv_model, if_model, matmul_model, run, save
+from onnx import numpy_helper as nh
+
+import onnxcompress as oc
+from onnxcompress.passes.base import PassContext
+from onnxcompress.passes.quantize import Int8WeightsConfig, Int8WeightsPass
+from onnxcompress.passes.quantize._math import quantize_symmetric, symmetric_scales
+
+
+def _quantize(src: Path, out: Path, **cfg: object) -> tuple[Path, oc.PassReport]:
+    model = oc.load(src)
+    report = Int8WeightsPass(Int8WeightsConfig(**cfg)).run(model, PassContext())  # type: ignore[arg-type]
+    oc.save(model, out)
+    onnx.checker.check_model(str(out), full_check=True)
+    return out, report
+
+
+def _dequantized(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """{original weight name: q * s} for every DequantizeLinear / Cast-Mul in the main graph."""
+    inits = {i.name: nh.to_array(i) for i in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "DequantizeLinear":
+            q, s = inits[n.input[0]].astype(np.float32), inits[n.input[1]]
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            s = s if s.ndim == 0 else s.reshape([-1 if i == axis % q.ndim else 1 for i in range(q.ndim)])
+            out[n.input[0].removesuffix("_quantized")] = q * s
+    return out
+
+
+def test_matmul_structure_and_error_bound(tmp_path: Path) -> None:
+    src = save(matmul_model(k=64, n=32), tmp_path / "m.onnx")
+    out, report = _quantize(src, tmp_path / "q.onnx")
+    m = onnx.load(str(out))
+    ops = Counter(n.op_type for n in m.graph.node)
+    assert ops["DequantizeLinear"] == 2 and ops["MatMul"] == 2
+    dtypes = {i.name: i.data_type for i in m.graph.initializer}
+    assert dtypes["W_quantized"] == onnx.TensorProto.INT8 and dtypes["W2_quantized"] == onnx.TensorProto.INT8
+    assert dtypes["b"] == onnx.TensorProto.FLOAT  # the bias stays float
+    assert report.stats["tensors_changed"] == 2
+    assert report.tensor_map == {"W_dequantized": "W", "W2_dequantized": "W2"}
+    original = {i.name: nh.to_array(i) for i in onnx.load(str(src)).graph.initializer}
+    for name, deq in _dequantized(m).items():
+        w = original[name]
+        scale = np.abs(w).max(axis=0) / 127  # per output column
+        assert np.all(np.abs(deq - w) <= scale / 2 + 1e-7)
+    assert report.stats["bytes_after"] < 0.3 * report.stats["bytes_before"]
+
+
+def test_per_tensor_option(tmp_path: Path) -> None:
+    src = save(matmul_model(k=64, n=32), tmp_path / "m.onnx")
+    out, _ = _quantize(src, tmp_path / "q.onnx", per_channel=False)
+    m = onnx.load(str(out))
+    scales = [i for i in m.graph.initializer if i.name.endswith("_scale")]
+    assert scales and all(len(s.dims) == 0 for s in scales)
+    original = {i.name: nh.to_array(i) for i in onnx.load(str(src)).graph.initializer}
+    for name, deq in _dequantized(m).items():
+        w = original[name]
+        assert np.abs(deq - w).max() <= np.abs(w).max() / 127 / 2 + 1e-7
+
+
+def test_conv_convtranspose_gemm_axes(tmp_path: Path) -> None:
+    src = save(conv_model(), tmp_path / "c.onnx")
+    out, report = _quantize(src, tmp_path / "q.onnx")
+    m = onnx.load(str(out))
+    axes = {n.input[0]: next(a.i for a in n.attribute if a.name == "axis") for n in m.graph.node if n.op_type == "DequantizeLinear"}
+    assert axes == {"W1_quantized": 0, "W2_quantized": 1, "WG_quantized": 0}
+    x = np.random.default_rng(0).standard_normal((4, 3, 6, 6)).astype(np.float32)
+    a, b = run(src, {"x": x})[0], run(out, {"x": x})[0]
+    cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.999
+    assert ("B1", "too small (16 elements < 256)") not in report.skipped  # biases are not weight slots
+
+
+def test_old_opset_constant_nodes_use_cast_mul(tmp_path: Path) -> None:
+    src = save(conv_model(opset=11, constant_nodes=True), tmp_path / "c11.onnx")
+    out, report = _quantize(src, tmp_path / "q.onnx")
+    m = onnx.load(str(out))
+    ops = Counter(n.op_type for n in m.graph.node)
+    assert ops["DequantizeLinear"] == 0 and ops["Cast"] == 3 and ops["Mul"] == 3
+    assert report.stats["forms"] == {"cast-mul": 3}
+    assert m.opset_import[0].version == 11
+    x = np.random.default_rng(0).standard_normal((4, 3, 6, 6)).astype(np.float32)
+    a, b = run(src, {"x": x})[0], run(out, {"x": x})[0]
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    assert report.stats["bytes_after"] < 0.3 * report.stats["bytes_before"]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_if_subgraph_weights_are_quantized(tmp_path: Path, shared: bool) -> None:
+    src = save(if_model(shared=shared), tmp_path / "if.onnx")
+    out, report = _quantize(src, tmp_path / "q.onnx")
+    assert report.stats["tensors_changed"] == (1 if shared else 2)
+    m = onnx.load(str(out))
+    all_inits = list(m.graph.initializer) + [i for a in m.graph.node[-1].attribute for i in a.g.initializer]
+    assert {i.data_type for i in all_inits if i.name.endswith("_quantized")} == {onnx.TensorProto.INT8}
+    assert not any(i.data_type == onnx.TensorProto.FLOAT and i.name.startswith("W") and len(i.dims) == 2 for i in all_inits)
+    x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
+    for cond in (True, False):
+        a = run(src, {"cond": np.array(cond), "x": x})[0]
+        b = run(out, {"cond": np.array(cond), "x": x})[0]
+        cos = np.sum(a * b, axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cos.min() > 0.999
+
+
+def test_skips_are_reported(tmp_path: Path) -> None:
+    src = save(matmul_model(k=8, n=8), tmp_path / "m.onnx")  # W is 64 elements, W2 80
+    _, report = _quantize(src, tmp_path / "q.onnx")
+    assert not report.modified
+    reasons = dict(report.skipped)
+    assert reasons["W"] == "too small (64 elements < 256)"
+    _, report = _quantize(src, tmp_path / "q2.onnx", min_elements=1, exclude=("W2",))
+    assert report.tensor_map == {"W_dequantized": "W"}
+    assert dict(report.skipped)["W2"] == "excluded by configuration"
+
+
+def test_quantizing_twice_changes_nothing_and_is_deterministic(tmp_path: Path) -> None:
+    src = save(conv_model(), tmp_path / "c.onnx")
+    once, _ = _quantize(src, tmp_path / "q1.onnx")
+    twice, report = _quantize(once, tmp_path / "q2.onnx")
+    assert not report.modified
+    assert onnx.load(str(once)).graph == onnx.load(str(twice)).graph
+    again, _ = _quantize(src, tmp_path / "q3.onnx")
+    assert again.read_bytes() == once.read_bytes()
+
+
+def test_math_symmetric_range_and_zero_channel() -> None:
+    w = np.array([[0.0, 0.0, 0.0], [1.0, -2.0, 2.0]], np.float32)  # channel 0 is all zero
+    s = symmetric_scales(w, axis=0, qmax=127)
+    assert s[0] == 1.0 and s[1] == pytest.approx(2 / 127)
+    q = quantize_symmetric(w, s, 0, 127, np.int8)
+    assert q[0].tolist() == [0, 0, 0]
+    assert q[1].tolist() == [64, -127, 127]
+    assert quantize_symmetric(-w, s, 0, 127, np.int8).tolist() == (-q).tolist()
