@@ -153,3 +153,29 @@ def assert_equivalent(
     for feed in feeds:
         for a, b in zip(run(original, feed), run(candidate, feed)):
             np.testing.assert_allclose(b, a, atol=atol, rtol=rtol)
+
+
+def embedding_model(vocab: int = 100, dim: int = 64, seed: int = 0, tied: bool = False) -> onnx.ModelProto:
+    """ids[N, T] -> Gather(E[vocab, dim]) -> MatMul(W[dim, 16]); ``tied`` also reads E in a MatMul."""
+    rng = _rng(seed)
+    e = rng.standard_normal((vocab, dim)).astype(np.float32)
+    w = rng.standard_normal((dim, 16)).astype(np.float32)
+    nodes = [
+        h.make_node("Gather", ["E", "ids"], ["emb"], name="embed", axis=0),
+        h.make_node("MatMul", ["emb", "W"], ["y"], name="proj"),
+    ]
+    outputs = [h.make_tensor_value_info("y", T.FLOAT, ["N", "T", 16])]
+    if tied:
+        nodes += [
+            h.make_node("Transpose", ["E"], ["Et"], name="tr", perm=[1, 0]),
+            h.make_node("MatMul", ["emb", "Et"], ["logits"], name="lm_head"),
+        ]
+        outputs.append(h.make_tensor_value_info("logits", T.FLOAT, ["N", "T", vocab]))
+    g = h.make_graph(
+        nodes,
+        "embed",
+        [h.make_tensor_value_info("ids", T.INT64, ["N", "T"])],
+        outputs,
+        [nh.from_array(e, "E"), nh.from_array(w, "W")],
+    )
+    return _model(g)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from _models import conv_model, if_model, matmul_model, run, save
+from _models import conv_model, embedding_model, if_model, matmul_model, run, save
 from onnx import numpy_helper as nh
 
 import onnxcompress as oc
@@ -73,7 +73,11 @@ def test_conv_convtranspose_gemm_axes(tmp_path: Path) -> None:
     src = save(conv_model(), tmp_path / "c.onnx")
     out, report = _quantize(src, tmp_path / "q.onnx")
     m = onnx.load(str(out))
-    axes = {n.input[0]: next(a.i for a in n.attribute if a.name == "axis") for n in m.graph.node if n.op_type == "DequantizeLinear"}
+    axes = {
+        n.input[0]: next(a.i for a in n.attribute if a.name == "axis")
+        for n in m.graph.node
+        if n.op_type == "DequantizeLinear"
+    }
     assert axes == {"W1_quantized": 0, "W2_quantized": 1, "WG_quantized": 0}
     x = np.random.default_rng(0).standard_normal((4, 3, 6, 6)).astype(np.float32)
     a, b = run(src, {"x": x})[0], run(out, {"x": x})[0]
@@ -104,7 +108,9 @@ def test_if_subgraph_weights_are_quantized(tmp_path: Path, shared: bool) -> None
     m = onnx.load(str(out))
     all_inits = list(m.graph.initializer) + [i for a in m.graph.node[-1].attribute for i in a.g.initializer]
     assert {i.data_type for i in all_inits if i.name.endswith("_quantized")} == {onnx.TensorProto.INT8}
-    assert not any(i.data_type == onnx.TensorProto.FLOAT and i.name.startswith("W") and len(i.dims) == 2 for i in all_inits)
+    assert not any(
+        i.data_type == onnx.TensorProto.FLOAT and i.name.startswith("W") and len(i.dims) == 2 for i in all_inits
+    )
     x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
     for cond in (True, False):
         a = run(src, {"cond": np.array(cond), "x": x})[0]
@@ -142,3 +148,23 @@ def test_math_symmetric_range_and_zero_channel() -> None:
     assert q[0].tolist() == [0, 0, 0]
     assert q[1].tolist() == [64, -127, 127]
     assert quantize_symmetric(-w, s, 0, 127, np.int8).tolist() == (-q).tolist()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_embedding_tables_are_gathered_before_dequantizing(tmp_path: Path, tied: bool) -> None:
+    src = save(embedding_model(tied=tied), tmp_path / "e.onnx")
+    out, report = _quantize(src, tmp_path / "q.onnx")
+    m = onnx.load(str(out))
+    assert {i.name: i.data_type for i in m.graph.initializer}["E_quantized"] == onnx.TensorProto.INT8
+    forms = report.stats["forms"]
+    if tied:  # the table also feeds a Transpose: it is dequantized whole, per row
+        assert forms == {"dequantize": 2}
+    else:
+        assert forms == {"gather": 1, "dequantize": 1}
+        gathers = [n for n in m.graph.node if n.op_type == "Gather"]
+        assert {n.input[0] for n in gathers} == {"E_quantized", "E_scale"}
+    ids = np.random.default_rng(0).integers(0, 100, size=(3, 7)).astype(np.int64)
+    a, b = run(src, {"ids": ids}), run(out, {"ids": ids})
+    for x, y in zip(a, b):
+        cos = np.sum(x * y, axis=-1) / np.linalg.norm(x, axis=-1) / np.linalg.norm(y, axis=-1)
+        assert cos.min() > 0.999

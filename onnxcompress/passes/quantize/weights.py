@@ -10,6 +10,10 @@ Output-channel axis per consumer: Conv ``[O, I/g, kh, kw]`` -> 0; ConvTranspose 
 ``A [.., M, K]`` -> rank-2. A weight read by consumers that disagree on the axis is quantized
 per tensor.
 
+Embedding tables (the constant ``data`` of a ``Gather`` on axis 0) get one scale per row and are
+gathered *before* dequantizing: ``Cast(Gather(q, ids), float) * Gather(s[V, 1], ids)``, the same
+values as gathering from ``W'``, without dequantizing the whole table at every run.
+
 Per-axis ``DequantizeLinear`` needs opset 13. On older opsets (Paddle2ONNX exports use 11/12) the
 same arithmetic is written as ``Cast(q, float) * s`` with ``s`` shaped to broadcast, which every
 opset runs. Biases, float16/float64 weights, non-finite weights and tensors with fewer than
@@ -38,7 +42,7 @@ from ..base import PassContext, PassReport
 from ._math import quantize_symmetric, symmetric_scales
 
 QMAX = 127
-TARGET_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+TARGET_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +73,8 @@ def _weight_slots(node: gs.Node) -> list[tuple[int, int | None]]:
         return [(1, 0 if node.attrs.get("transB", 0) else 1)]
     if op == "MatMul" and len(node.inputs) == 2:
         return [(1, -1), (0, -2)]
+    if op == "Gather" and len(node.inputs) == 2 and int(node.attrs.get("axis", 0)) == 0:
+        return [(0, 0)]
     return []
 
 
@@ -197,13 +203,20 @@ class Int8WeightsPass:
         """Insert the int8 weight and its dequantization; rewire every consumer.
 
         Returns:
-            The name of the dequantized tensor and the form used (``dequantize`` or ``cast-mul``).
+            The name of the dequantized tensor and the form used (``dequantize``, ``cast-mul`` or
+            ``gather``).
         """
         owner = tree.owner_of_users(t)
         scale = symmetric_scales(w, axis, QMAX)
         q = quantize_symmetric(w, scale, axis, QMAX, np.int8)
         base = t.name
         q_const = gs.Constant(fresh_name(names, f"{base}_quantized"), q)
+        consumers = list(t.outputs)
+        if axis == 0 and w.ndim >= 2 and consumers and all(_is_table_gather(c, t) for c in consumers):
+            s_const = gs.Constant(fresh_name(names, f"{base}_scale"), scale.reshape([-1] + [1] * (w.ndim - 1)))
+            for c in consumers:
+                self._gather_then_dequantize(c, q_const, s_const, tree, names)
+            return q_const.name, "gather"
         out = gs.Variable(fresh_name(names, f"{base}_dequantized"), dtype=np.float32, shape=list(w.shape))
         if axis is None or opset >= 13:
             s_const = gs.Constant(fresh_name(names, f"{base}_scale"), scale.reshape(()) if axis is None else scale)
@@ -235,3 +248,42 @@ class Int8WeightsPass:
                     consumer.inputs[i] = out
         owner.nodes.extend(nodes)
         return out.name, form
+
+    @staticmethod
+    def _gather_then_dequantize(
+        gather: gs.Node, q: gs.Constant, s: gs.Constant, tree: GraphTree, names: set[str]
+    ) -> None:
+        """Rewrite ``Gather(W, ids)`` as ``Cast(Gather(q, ids)) * Gather(s, ids)``."""
+        graph = tree.node_graph[id(gather)]
+        ids, out = gather.inputs[1], gather.outputs[0]
+        base = gather.name or out.name
+        gq = gs.Variable(fresh_name(names, f"{base}_q"), dtype=np.int8)
+        gs_out = gs.Variable(fresh_name(names, f"{base}_row_scale"), dtype=np.float32)
+        cast_out = gs.Variable(fresh_name(names, f"{base}_rows"), dtype=np.float32)
+        gather.inputs[0] = q
+        gather.outputs[0] = gq
+        graph.nodes.extend(
+            [
+                gs.Node(
+                    "Gather",
+                    name=fresh_name(names, f"{base}_scale_Gather"),
+                    attrs={"axis": 0},
+                    inputs=[s, ids],
+                    outputs=[gs_out],
+                ),
+                gs.Node(
+                    "Cast", name=fresh_name(names, f"{base}_Cast"), attrs={"to": 1}, inputs=[gq], outputs=[cast_out]
+                ),
+                gs.Node("Mul", name=fresh_name(names, f"{base}_Mul"), inputs=[cast_out, gs_out], outputs=[out]),
+            ]
+        )
+
+
+def _is_table_gather(node: gs.Node, table: gs.Tensor) -> bool:
+    return (
+        node.op == "Gather"
+        and node.domain in ("", "ai.onnx", None)
+        and node.inputs[0] is table
+        and table not in node.inputs[1:]
+        and int(node.attrs.get("axis", 0)) == 0
+    )
