@@ -8,6 +8,7 @@ staged file against the original in onnxruntime -> rename into place only if val
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -154,7 +155,7 @@ def compress(
         feeds: Validation inputs (default: sidecar ``<stem>.inputs.npz`` or generated).
         tolerances: Bounds like ``cosine>=0.999``; default: the techniques' defaults.
         force: Overwrite an existing output, and write it even if validation fails.
-        external_data: Force external data on/off (default: only over ~1.8 GB).
+        external_data: Force external data on/off (default: as the input, and always over ~1.8 GB).
         max_memory: Memory budget in bytes for the loader's checks.
         validate: Set False to skip validation (the model is then written unchecked).
 
@@ -175,6 +176,7 @@ def compress(
     pass_reports = Pipeline(passes).run(model, ctx)
     staged = io.stage(model, out_path, external=external_data, force=force, protect=(in_path,))
     del model
+    gc.collect()  # graphsurgeon graphs hold reference cycles: free the weights before validation
     try:
         report_v = None
         if validate:

@@ -234,7 +234,8 @@ def compress(
     external_data: Annotated[
         bool | None,
         typer.Option(
-            "--external-data/--no-external-data", help="Store tensors in OUTPUT.data (default: only over ~1.8 GB)."
+            "--external-data/--no-external-data",
+            help="Store tensors in OUTPUT.data (default: as the input model, and always over ~1.8 GB).",
         ),
     ] = None,
     skip_validation: Annotated[

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 FLOAT_DTYPES = (np.float32, np.float16, np.float64)
 
@@ -34,12 +35,15 @@ class Model:
         ir_version: The ONNX IR version to write back.
         metadata: Model-level fields graphsurgeon drops (``metadata_props``, ``doc_string``,
             ``model_version``, ``domain``).
+        external_data: Whether the source kept tensors in external files (saving keeps that layout
+            unless told otherwise).
     """
 
     graph: gs.Graph
     path: Any = None
     ir_version: int | None = None
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    external_data: bool = False
 
     @property
     def opset(self) -> int:
@@ -149,16 +153,27 @@ def constant_placement(graph: gs.Graph) -> dict[int, list[gs.Constant]]:
     return placement
 
 
-def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of ``tensor`` if it is constant (an initializer or a ``Constant`` node output)."""
+def _const_values(const: gs.Constant, cache: bool) -> np.ndarray:
+    if not cache and isinstance(const._values, LazyValues):
+        return const._values.load()
+    return const.values
+
+
+def constant_value(tensor: gs.Tensor, *, cache: bool = True) -> np.ndarray | None:
+    """The value of ``tensor`` if it is constant (an initializer or a ``Constant`` node output).
+
+    A lazily loaded value (external data, or an initializer graphsurgeon has not decoded yet) is
+    kept on the tensor once read, unless ``cache=False``: then it is read for this call only, so a
+    pass that reads big weights one after another holds one at a time.
+    """
     if isinstance(tensor, gs.Constant):
-        return tensor.values
+        return _const_values(tensor, cache)
     if len(tensor.inputs) == 1:
         producer = tensor.inputs[0]
         if producer.op == "Constant" and producer.domain in ("", "ai.onnx", None):
             value = producer.attrs.get("value")
             if isinstance(value, gs.Constant):
-                return value.values
+                return _const_values(value, cache)
     return None
 
 

@@ -365,7 +365,8 @@ def from_proto(proto: onnx.ModelProto, path: Path | None = None) -> Model:
         "model_version": proto.model_version,
         "domain": proto.domain,
     }
-    return Model(graph=graph, path=path, ir_version=proto.ir_version, metadata=metadata)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_model_tensors(proto))
+    return Model(graph=graph, path=path, ir_version=proto.ir_version, metadata=metadata, external_data=external)
 
 
 def load(path: str | os.PathLike[str], *, max_memory: int | None = None) -> Model:
@@ -395,14 +396,13 @@ class _Exporter:
         self._gs = OnnxExporter
         self._placement = constant_placement(graph)
 
-    def graph(self, graph: gs.Graph, do_type_check: bool) -> onnx.GraphProto:
+    def graph(self, graph: gs.Graph, do_type_check: bool, initializers: bool = True) -> onnx.GraphProto:
         ex = self._gs
         nodes = [self.node(n) for n in graph.nodes]
         inputs = [ex.export_value_info_proto(t, do_type_check) for t in graph.inputs]
         outputs = [ex.export_value_info_proto(t, do_type_check) for t in graph.outputs]
-        local = self._placement.get(id(graph), [])
         io_names = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
-        initializer = [ex.export_tensor_proto(t) for t in local if t.name not in {i.name for i in graph.inputs}]
+        initializer = self.initializers(graph) if initializers else []
         value_info = [
             ex.export_value_info_proto(t, do_type_check)
             for n in graph.nodes
@@ -418,6 +418,13 @@ class _Exporter:
             doc_string=graph.doc_string,
             value_info=value_info,
         )
+
+    def initializers(self, graph: gs.Graph) -> Iterator[onnx.TensorProto]:
+        """The TensorProtos of the constants placed in ``graph``, built one at a time."""
+        input_names = {i.name for i in graph.inputs}
+        for t in self._placement.get(id(graph), []):
+            if t.name not in input_names:
+                yield self._gs.export_tensor_proto(t)
 
     def node(self, node: gs.Node) -> onnx.NodeProto:
         proto = onnx.helper.make_node(
@@ -444,9 +451,15 @@ def export_model(model: Model) -> onnx.ModelProto:
 
     graph = model.graph
     graph.toposort(recurse_subgraphs=True)
-    graph_proto = _Exporter(graph).graph(graph, do_type_check=True)
+    exporter = _Exporter(graph)
+    graph_proto = exporter.graph(graph, do_type_check=True, initializers=False)
     functions = [OnnxExporter.export_function(f) for f in graph.functions]
     proto = onnx.helper.make_model(graph_proto, opset_imports=update_import_domains(graph), functions=functions)
+    del graph_proto
+    # The main graph's tensors go straight into the model, one at a time: building them into the
+    # GraphProto first would hold the weights twice (make_graph and make_model both copy).
+    for tensor in exporter.initializers(graph):
+        proto.graph.initializer.append(tensor)
     proto.producer_name = graph.producer_name or "onnxcompress"
     proto.producer_version = graph.producer_version or ""
     if model.ir_version:
@@ -614,7 +627,8 @@ def stage(
     Args:
         model: The model to write.
         out: The final path.
-        external: Write tensors to ``<out>.data``; ``None`` decides by size (over ~1.8 GB).
+        external: Write tensors to ``<out>.data``; ``None`` keeps the source model's layout (external
+            if it had external data) and switches to external data over ~1.8 GB of tensors.
         force: Allow replacing an existing output file.
         protect: Paths that must never be written (the input model).
     """
@@ -627,7 +641,8 @@ def stage(
     if any(_same_file(data_final, s) for s in sources) or any(_same_file(data_final, Path(p)) for p in protect if p):
         raise OnnxCompressError(f"output data file {data_final} is used by the input model: choose another output name")
     if external is None:
-        external = _total_bytes(proto) > AUTO_EXTERNAL_BYTES
+        from_external = isinstance(model, Model) and model.external_data
+        external = from_external or _total_bytes(proto) > AUTO_EXTERNAL_BYTES
     clean_stale_temp(out.parent)
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=out.parent))
@@ -640,11 +655,15 @@ def stage(
             files.append(data_name)
         else:
             _inline_external(proto)
-        size = proto.ByteSize()
-        if size > PROTOBUF_LIMIT:
+        try:
+            data = proto.SerializeToString()
+        except ValueError:
+            data = b""
+        if not data or len(data) > PROTOBUF_LIMIT:
             raise OnnxCompressError("model is over 2 GB: save it with external data (--external-data)")
         with open(tmpdir / out.name, "wb") as f:
-            f.write(proto.SerializeToString())
+            f.write(data)
+            del data
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
@@ -668,7 +687,8 @@ def save(
     Args:
         model: The model to save.
         out: Output ``.onnx`` path. External data goes to ``<out>.data`` beside it.
-        external: Force external data on/off; ``None`` (default) uses it above ~1.8 GB of tensors.
+        external: Force external data on/off; ``None`` (default) keeps the source's layout and uses
+            it above ~1.8 GB of tensors.
         force: Replace an existing output file.
 
     Returns:

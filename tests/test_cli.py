@@ -57,15 +57,20 @@ def test_compress_writes_model_and_report(capsys: pytest.CaptureFixture[str], co
     assert "validation: passed" in stdout
 
 
-def test_compress_failing_tolerance_writes_nothing(capsys: pytest.CaptureFixture[str], conv: Path, tmp_path: Path) -> None:
+def test_compress_failing_tolerance_writes_nothing(
+    capsys: pytest.CaptureFixture[str], conv: Path, tmp_path: Path
+) -> None:
     out, report = tmp_path / "q.onnx", tmp_path / "r.json"
-    code, _, err = cli(capsys, "compress", conv, "-o", out, "-q", "int8-weights", "--tolerance", "max_abs<=1e-9",
-                       "--report", report)
+    code, _, err = cli(
+        capsys, "compress", conv, "-o", out, "-q", "int8-weights", "--tolerance", "max_abs<=1e-9", "--report", report
+    )
     _assert_one_line_error(err, code, expected=1)
     assert "logits" in err and not out.exists()
     assert json.loads(report.read_text())["validation"]["passed"] is False
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conv.inputs.npz", "conv.onnx", "r.json"]
-    code, _, err = cli(capsys, "compress", conv, "-o", out, "-q", "int8-weights", "--tolerance", "max_abs<=1e-9", "--force")
+    code, _, err = cli(
+        capsys, "compress", conv, "-o", out, "-q", "int8-weights", "--tolerance", "max_abs<=1e-9", "--force"
+    )
     assert code == 1 and out.exists() and "written anyway" in err
 
 
@@ -105,7 +110,12 @@ def _external_without_data(tmp_path: Path) -> Path:
 BAD_MODELS = {
     "missing file": (lambda tmp: tmp / "nope.onnx", "not found"),
     "text file": (lambda tmp: (tmp / "t.onnx").write_text("hello, I am text\n") and tmp / "t.onnx", "not a valid ONNX"),
-    "truncated": (lambda tmp: (tmp / "tr.onnx").write_bytes(save(conv_model(), tmp / "full.onnx").read_bytes()[:700]) and tmp / "tr.onnx", "not a valid ONNX"),
+    "truncated": (
+        lambda tmp: (
+            (tmp / "tr.onnx").write_bytes(save(conv_model(), tmp / "full.onnx").read_bytes()[:700]) and tmp / "tr.onnx"
+        ),
+        "not a valid ONNX",
+    ),
     "missing external data": (_external_without_data, "is missing"),
     "custom op": (lambda tmp: save(custom_op_model(), tmp / "custom.onnx"), "unsupported op my.custom::Frobnicate"),
 }
@@ -156,7 +166,9 @@ def test_bad_inputs_file_content(capsys: pytest.CaptureFixture[str], conv: Path,
     _assert_one_line_error(err, code)
 
 
-def test_existing_output_and_output_equals_input(capsys: pytest.CaptureFixture[str], conv: Path, tmp_path: Path) -> None:
+def test_existing_output_and_output_equals_input(
+    capsys: pytest.CaptureFixture[str], conv: Path, tmp_path: Path
+) -> None:
     existing = tmp_path / "exists.onnx"
     existing.write_bytes(b"precious")
     code, _, err = cli(capsys, "compress", conv, "-o", existing, "-q", "int8-weights")
@@ -189,15 +201,20 @@ def test_bad_usage(capsys: pytest.CaptureFixture[str], conv: Path, tmp_path: Pat
 
 def test_generated_feeds_with_shape(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     model = save(matmul_model(k=256, n=64), tmp_path / "m.onnx")
-    code, stdout, err = cli(capsys, "compress", model, "-o", tmp_path / "q.onnx", "-q", "int8-weights",
-                            "--shape", "x=3x4x256", "--json")
+    code, stdout, err = cli(
+        capsys, "compress", model, "-o", tmp_path / "q.onnx", "-q", "int8-weights", "--shape", "x=3x4x256", "--json"
+    )
     assert code == 0, err
     r = json.loads(stdout)
     assert r["validation"]["feeds_source"] == "generated" and r["validation"]["num_samples"] == 8 * 3
 
 
 def test_console_script_has_no_traceback(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "onnxcompress", "inspect", str(tmp_path / "missing.onnx")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "onnxcompress", "inspect", str(tmp_path / "missing.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: model file not found: {tmp_path / 'missing.onnx'}"

@@ -29,11 +29,15 @@ def test_roundtrip_is_exact(tmp_path: Path) -> None:
 def test_external_data_roundtrip_inline_and_external(tmp_path: Path) -> None:
     src = save(matmul_model(), tmp_path / "m.onnx", external=True)
     assert (tmp_path / "m.onnx.data").exists()
-    inline = oc.save(oc.load(src), tmp_path / "inline.onnx")
+    inline = oc.save(oc.load(src), tmp_path / "inline.onnx", external=False)
     assert not (tmp_path / "inline.onnx.data").exists()
     ext = oc.save(oc.load(src), tmp_path / "ext.onnx", external=True)
     assert (tmp_path / "ext.onnx.data").exists()
-    for out in (inline, ext):
+    kept = oc.save(oc.load(src), tmp_path / "kept.onnx")  # default: the input's layout
+    assert (tmp_path / "kept.onnx.data").exists()
+    small = oc.save(oc.load(save(matmul_model(), tmp_path / "small.onnx")), tmp_path / "small_out.onnx")
+    assert not (tmp_path / "small_out.onnx.data").exists() and small.exists()
+    for out in (inline, ext, kept):
         onnx.checker.check_model(str(out))
         assert_equivalent(src, out, [_feed()])
     # The external file holds the tensors; the .onnx file stays small.

@@ -152,7 +152,7 @@ class Int8WeightsPass:
             if reason:
                 report.skipped.append((t.name, reason))
                 continue
-            w = constant_value(t)
+            w = constant_value(t, cache=False)  # read one weight at a time; never keep the float copy
             assert w is not None
             if not np.all(np.isfinite(w)):
                 report.skipped.append((t.name, "weight has non-finite values"))
