@@ -104,7 +104,7 @@ def _validation_table(report: ValidationReport) -> Table:
         title=f"Validation on {report.num_feeds} feed(s), {report.num_samples} sample(s) ({report.feeds_source})"
     )
     for col in ("output", "max_abs", "mean_abs", "cosine (worst)", "snr_db", "top1", "result"):
-        table.add_column(col, justify="right" if col not in ("output", "result") else "left")
+        table.add_column(col, justify="right" if col not in ("output", "result") else "left", overflow="fold")
     for d in report.outputs.values():
         table.add_row(
             d.name,

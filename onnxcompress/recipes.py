@@ -20,7 +20,7 @@ PASSES: dict[str, Callable[[], Pass]] = {
 # Tolerances applied when the user gives none: the loosest that still marks a broken model.
 # cosine is the worst sample's cosine similarity; accuracy_drop applies only when labels are given.
 DEFAULT_TOLERANCES: dict[str, list[str]] = {
-    "int8-weights": ["cosine>=0.99", "accuracy_drop<=0.01"],
+    "int8-weights": ["cosine>=0.99", "accuracy_drop<=0.005"],
     "int8-weights-per-tensor": ["cosine>=0.98", "accuracy_drop<=0.02"],
 }
 LOSSLESS_TOLERANCES = ["max_abs<=1e-4"]
