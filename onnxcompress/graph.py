@@ -235,6 +235,19 @@ def all_tensor_names(graph: gs.Graph) -> set[str]:
 KNOWN_RUNTIME_DOMAINS = ("com.microsoft", "com.microsoft.nchwc", "com.ms.internal.nhwc")
 
 
+def constant_bytes(graph: gs.Graph) -> int:
+    """Bytes of all constants (subgraphs and Constant nodes included), without loading lazy values."""
+    seen: set[int] = set()
+    total = 0
+    for g in iter_graphs(graph):
+        for n in g.nodes:
+            for t in list(n.inputs) + [v for v in n.attrs.values() if isinstance(v, gs.Constant)]:
+                if isinstance(t, gs.Constant) and id(t) not in seen:
+                    seen.add(id(t))
+                    total += tensor_nbytes(t)
+    return total
+
+
 def unsupported_ops(model: Model) -> list[tuple[str, str, str]]:
     """Nodes whose op no schema or model-local function defines: ``[(node, op, domain)]``.
 
@@ -261,3 +274,46 @@ def unsupported_ops(model: Model) -> list[tuple[str, str, str]]:
                 pass
         bad.append((node.name or "<unnamed>", node.op, domain))
     return bad
+
+
+def is_graph_io(tree: GraphTree, tensor: gs.Tensor) -> bool:
+    """Whether ``tensor`` is an input or output of any graph in ``tree``."""
+    return any(tensor is t for g in tree.graphs.values() for t in list(g.inputs) + list(g.outputs))
+
+
+def replace_tensor(tree: GraphTree, old: gs.Tensor, new: gs.Tensor) -> bool:
+    """Make every reader of ``old`` read ``new`` instead; graph outputs keep their names.
+
+    When ``old`` is a graph output, ``new`` takes over its name; that is impossible when ``new`` is a
+    constant, a graph input or already a graph output, and then nothing changes.
+
+    Returns:
+        Whether the replacement was made.
+    """
+    if old is new:
+        return False
+    out_graphs = [g for g in tree.graphs.values() if any(o is old for o in g.outputs)]
+    if out_graphs and (isinstance(new, gs.Constant) or not new.inputs or is_graph_io(tree, new)):
+        return False
+    for node in list(old.outputs):
+        for i, t in enumerate(node.inputs):
+            if t is old:
+                node.inputs[i] = new
+    if out_graphs:
+        name = old.name
+        old.name = f"{name}__replaced"
+        new.name = name
+        for g in out_graphs:
+            g.outputs = [new if o is old else o for o in g.outputs]
+    return True
+
+
+def node_graph(tree: GraphTree, node: gs.Node) -> gs.Graph:
+    """The graph that owns ``node`` (as of when ``tree`` was built)."""
+    return tree.node_graph[id(node)]
+
+
+def detach_node(node: gs.Node) -> None:
+    """Disconnect ``node`` (inputs and outputs cleared); the next ``cleanup()`` drops it."""
+    node.inputs.clear()
+    node.outputs.clear()

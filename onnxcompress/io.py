@@ -35,7 +35,7 @@ from google.protobuf.message import DecodeError
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import OnnxCompressError
-from .graph import Model, constant_placement, iter_graphs
+from .graph import Model, constant_placement, iter_graphs, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -390,11 +390,23 @@ def load(path: str | os.PathLike[str], *, max_memory: int | None = None) -> Mode
 class _Exporter:
     """Scope-aware export of a graphsurgeon graph (see graph.py for why graphsurgeon's is not used)."""
 
-    def __init__(self, graph: gs.Graph) -> None:
+    def __init__(self, graph: gs.Graph, stub_bytes: int | None = None) -> None:
         from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
         self._gs = OnnxExporter
         self._placement = constant_placement(graph)
+        self._stub_bytes = stub_bytes
+
+    def tensor(self, t: gs.Constant) -> onnx.TensorProto:
+        """The TensorProto of a constant; over ``stub_bytes`` only its dtype/dims (a skeleton)."""
+        if self._stub_bytes is not None and tensor_nbytes(t) > self._stub_bytes:
+            dtype = t._values.dtype if isinstance(t._values, LazyValues) else t.values.dtype
+            code = dtype if isinstance(dtype, int) else onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+            stub = onnx.TensorProto(name=t.name, data_type=code, dims=[int(d) for d in t.shape])
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            stub.external_data.add(key="location", value="__onnxcompress_stub__")
+            return stub
+        return self._gs.export_tensor_proto(t)
 
     def graph(self, graph: gs.Graph, do_type_check: bool, initializers: bool = True) -> onnx.GraphProto:
         ex = self._gs
@@ -424,7 +436,7 @@ class _Exporter:
         input_names = {i.name for i in graph.inputs}
         for t in self._placement.get(id(graph), []):
             if t.name not in input_names:
-                yield self._gs.export_tensor_proto(t)
+                yield self.tensor(t)
 
     def node(self, node: gs.Node) -> onnx.NodeProto:
         proto = onnx.helper.make_node(
@@ -440,18 +452,26 @@ class _Exporter:
             elif isinstance(val, (list, tuple)) and val and all(isinstance(v, gs.Graph) for v in val):
                 graphs = [self.graph(v, do_type_check=False) for v in val]
                 proto.attribute.append(onnx.helper.make_attribute(key, graphs))
+            elif isinstance(val, gs.Constant):
+                proto.attribute.append(onnx.helper.make_attribute(key, self.tensor(val)))
             else:
                 proto.attribute.extend(self._gs.export_attributes({key: val}))
         return proto
 
 
-def export_model(model: Model) -> onnx.ModelProto:
-    """Build a ModelProto from a :class:`Model`; external tensors stay references (not read)."""
+def export_model(model: Model, stub_bytes: int | None = None) -> onnx.ModelProto:
+    """Build a ModelProto from a :class:`Model`; external tensors stay references (not read).
+
+    Args:
+        model: The model.
+        stub_bytes: If set, constants larger than this are written as declarations only (dtype and
+            dims, no data): a skeleton for shape inference, not a loadable model.
+    """
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
 
     graph = model.graph
     graph.toposort(recurse_subgraphs=True)
-    exporter = _Exporter(graph)
+    exporter = _Exporter(graph, stub_bytes)
     graph_proto = exporter.graph(graph, do_type_check=True, initializers=False)
     functions = [OnnxExporter.export_function(f) for f in graph.functions]
     proto = onnx.helper.make_model(graph_proto, opset_imports=update_import_domains(graph), functions=functions)

@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from .graph import Model
+from .graph import Model, constant_bytes, count_nodes
 from .passes.base import Pass, PassContext, PassReport
 
 log = logging.getLogger(__name__)
@@ -38,3 +38,62 @@ class Pipeline:
             if self.on_pass:
                 self.on_pass(report)
         return reports
+
+
+class FixedPointPass:
+    """Run lossless passes in order, repeatedly, until a whole round changes nothing.
+
+    Like onnxscript's ``PassManager(passes, steps=N, early_stop=True)``: the composite is itself a
+    pass (registered in ``recipes.PASSES``), its report sums the sub-passes' work per name.
+
+    Args:
+        name: The recipe name (e.g. ``fold``).
+        passes: The sub-passes, in order.
+        max_steps: Upper bound on rounds.
+    """
+
+    def __init__(self, name: str, passes: Sequence[Pass], max_steps: int = 8) -> None:
+        self.name = name
+        self.passes = list(passes)
+        self.max_steps = max_steps
+
+    def run(self, model: Model, ctx: PassContext) -> PassReport:
+        """Run rounds of the sub-passes until none modifies the model."""
+        report = PassReport(self.name)
+        nodes_before, bytes_before = count_nodes(model.graph), constant_bytes(model.graph)
+        sub: dict[str, dict[str, float]] = {}
+        steps = 0
+        for steps in range(1, self.max_steps + 1):  # noqa: B007
+            changed = False
+            for p in self.passes:
+                start = time.perf_counter()
+                r = p.run(model, ctx)
+                entry = sub.setdefault(p.name, {"rounds_changed": 0, "seconds": 0.0})
+                entry["seconds"] += time.perf_counter() - start
+                if r.modified:
+                    changed = True
+                    entry["rounds_changed"] += 1
+                    for key, value in r.stats.items():
+                        if isinstance(value, (int, float)) and key not in _SIZE_KEYS:
+                            entry[key] = entry.get(key, 0) + value
+                for item in r.skipped:
+                    if item not in report.skipped:
+                        report.skipped.append(item)
+                report.tensor_map.update(r.tensor_map)
+            report.modified |= changed
+            if not changed:
+                break
+        report.stats = {
+            "nodes_before": nodes_before,
+            "nodes_after": count_nodes(model.graph),
+            "bytes_before": bytes_before,
+            "bytes_after": constant_bytes(model.graph),
+            "rounds": steps,
+            "sub_passes": {
+                k: {kk: round(vv, 4) if isinstance(vv, float) else vv for kk, vv in v.items()} for k, v in sub.items()
+            },
+        }
+        return report
+
+
+_SIZE_KEYS = {"nodes_before", "nodes_after", "bytes_before", "bytes_after"}

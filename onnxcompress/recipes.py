@@ -13,14 +13,21 @@ from .passes.base import Pass
 from .passes.quantize import Int8WeightsConfig, Int8WeightsPass
 
 PASSES: dict[str, Callable[[], Pass]] = {
-    "int8-weights": lambda: Int8WeightsPass(Int8WeightsConfig()),
-    "int8-weights-per-tensor": lambda: Int8WeightsPass(Int8WeightsConfig(per_channel=False)),
+    # Blocks of 32 along K for MatMul/Gemm, per channel for Conv, per row for embeddings; dequantized
+    # once at load (standard Cast/Mul/Reshape that runtimes constant-fold).
+    "int8-weights": lambda: Int8WeightsPass(Int8WeightsConfig(granularity="block")),
+    # Per output channel, DequantizeLinear kept at run time (int8 weights in memory).
+    "int8-weights-qdq": lambda: Int8WeightsPass(Int8WeightsConfig(form="runtime"), name="int8-weights-qdq"),
+    "int8-weights-per-tensor": lambda: Int8WeightsPass(
+        Int8WeightsConfig(granularity="tensor", form="runtime"), name="int8-weights-per-tensor"
+    ),
 }
 
 # Tolerances applied when the user gives none: the loosest that still marks a broken model.
 # cosine is the worst sample's cosine similarity; accuracy_drop applies only when labels are given.
 DEFAULT_TOLERANCES: dict[str, list[str]] = {
     "int8-weights": ["cosine>=0.99", "accuracy_drop<=0.005"],
+    "int8-weights-qdq": ["cosine>=0.99", "accuracy_drop<=0.005"],
     "int8-weights-per-tensor": ["cosine>=0.98", "accuracy_drop<=0.02"],
 }
 LOSSLESS_TOLERANCES = ["max_abs<=1e-4"]

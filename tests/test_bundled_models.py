@@ -44,3 +44,15 @@ def test_int8_weights_acceptance(name: str, tmp_path: Path) -> None:
     assert abs(v.accuracy["drop"]) <= 0.005
     assert min(d.cosine for d in v.outputs.values() if d.cosine is not None) >= 0.999
     assert report.passes[0].stats["tensors_changed"] >= 3
+
+
+MINILM = MODELS / "cache" / "minilm" / "minilm.onnx"
+
+
+@pytest.mark.skipif(not MINILM.exists(), reason="run scripts/export_minilm.py first (needs the export extra)")
+def test_minilm_int8_weights_acceptance(tmp_path: Path) -> None:
+    report = oc.compress(MINILM, tmp_path / "minilm.int8.onnx", ["int8-weights"], tolerances=["cosine>=0.999"])
+    assert report.size_ratio <= 0.30
+    v = report.validation
+    assert v is not None and v.passed and v.num_samples >= 48
+    assert v.outputs["sentence_embedding"].cosine >= 0.999

@@ -1,0 +1,84 @@
+"""Shape and dtype inference for a loaded model, without serialising its weights.
+
+onnx's shape inference runs on a *skeleton* of the model: constants over ``STUB_BYTES`` are replaced by
+tensors that declare their dtype and dims but point at an external location that is never read, so
+inference sees every shape while the skeleton stays a few KB whatever the model's size. Small
+constants (shape vectors, axes, scalars) keep their values, so data propagation can compute the
+values of shape subgraphs. The inferred dtypes and shapes are written onto the graphsurgeon tensors
+of every graph, subgraphs included. Inference failures never stop the caller: they are returned as
+warnings naming the node when onnx says which one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from .graph import Model, iter_graphs
+from .io import export_model
+
+log = logging.getLogger(__name__)
+
+STUB_BYTES = 4096
+
+
+def skeleton(model: Model) -> onnx.ModelProto:
+    """The model as a proto whose large constants are declared, not stored."""
+    proto = export_model(model, stub_bytes=STUB_BYTES)
+    return proto
+
+
+def infer_shapes(model: Model) -> list[str]:
+    """Annotate every variable of ``model`` with the dtype/shape onnx infers.
+
+    Returns:
+        Warnings (empty when inference succeeded).
+    """
+    proto = skeleton(model)
+    warnings: list[str] = []
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:  # onnx raises InferenceError and assorted C++ errors
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.append(f"shape inference failed: {msg}")
+        log.warning("shape inference failed: %s", msg)
+        return warnings
+    infos: list[dict[str, onnx.ValueInfoProto]] = []
+    _collect(inferred.graph, infos)
+    graphs = list(iter_graphs(model.graph))
+    # Graphs come out in the same depth-first order as iter_graphs walks them.
+    for g, info in zip(graphs, infos):
+        _apply(g, info)
+    del proto
+    return warnings
+
+
+def _collect(graph: onnx.GraphProto, out: list[dict[str, onnx.ValueInfoProto]]) -> None:
+    info = {v.name: v for v in list(graph.value_info) + list(graph.output) + list(graph.input)}
+    out.append(info)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _collect(attr.g, out)
+            for g in attr.graphs:
+                _collect(g, out)
+
+
+def _apply(graph: gs.Graph, info: dict[str, onnx.ValueInfoProto]) -> None:
+    for node in graph.nodes:
+        for t in node.outputs:
+            if not isinstance(t, gs.Variable) or t.name not in info:
+                continue
+            vi = info[t.name]
+            if not vi.type.HasField("tensor_type"):
+                continue
+            tt = vi.type.tensor_type
+            if tt.elem_type:
+                try:
+                    t.dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+                except (KeyError, ValueError, TypeError):
+                    pass
+            if tt.HasField("shape"):
+                t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
