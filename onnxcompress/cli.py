@@ -213,6 +213,9 @@ def validate(
 def compress(
     model: Annotated[Path, typer.Argument(help="The .onnx model to compress (never modified).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the compressed model.")],
+    fold: Annotated[
+        bool, typer.Option("--fold", help="Simplify the graph first: constant folding, fusions, dead code (lossless).")
+    ] = False,
     quantize: Annotated[
         str | None,
         typer.Option("--quantize", "-q", help="Quantization: int8-weights (per channel) or int8-weights-per-tensor."),
@@ -245,7 +248,7 @@ def compress(
     max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Compress MODEL into OUTPUT, validate it against MODEL, and write it only if it passes."""
-    techniques = ([quantize] if quantize else []) + list(technique or [])
+    techniques = (["fold"] if fold else []) + ([quantize] if quantize else []) + list(technique or [])
     if not techniques:
         raise OnnxCompressError("nothing to do: choose a technique, e.g. --quantize int8-weights")
     failed: ValidationFailed | None = None

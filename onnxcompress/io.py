@@ -459,20 +459,21 @@ class _Exporter:
         return proto
 
 
-def export_model(model: Model, stub_bytes: int | None = None) -> onnx.ModelProto:
+def export_model(model: Model, stub_bytes: int | None = None, type_check: bool = True) -> onnx.ModelProto:
     """Build a ModelProto from a :class:`Model`; external tensors stay references (not read).
 
     Args:
         model: The model.
         stub_bytes: If set, constants larger than this are written as declarations only (dtype and
             dims, no data): a skeleton for shape inference, not a loadable model.
+        type_check: Require dtypes on graph inputs and outputs.
     """
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
 
     graph = model.graph
     graph.toposort(recurse_subgraphs=True)
     exporter = _Exporter(graph, stub_bytes)
-    graph_proto = exporter.graph(graph, do_type_check=True, initializers=False)
+    graph_proto = exporter.graph(graph, do_type_check=type_check, initializers=False)
     functions = [OnnxExporter.export_function(f) for f in graph.functions]
     proto = onnx.helper.make_model(graph_proto, opset_imports=update_import_domains(graph), functions=functions)
     del graph_proto

@@ -10,9 +10,23 @@ from collections.abc import Callable
 
 from .errors import OnnxCompressError
 from .passes.base import Pass
+from .passes.fold.constants import FoldConstantsPass
+from .passes.fold.dce import DeadCodePass
+from .passes.fold.dedup import CommonSubexpressionPass, DedupConstantsPass
 from .passes.quantize import Int8WeightsConfig, Int8WeightsPass
+from .pipeline import FixedPointPass
+
+
+def fold_pass() -> Pass:
+    """The lossless simplifier: its passes repeated until a round changes nothing."""
+    return FixedPointPass(
+        "fold",
+        [FoldConstantsPass(), DedupConstantsPass(), CommonSubexpressionPass(), DeadCodePass()],
+    )
+
 
 PASSES: dict[str, Callable[[], Pass]] = {
+    "fold": fold_pass,
     # Blocks of 32 along K for MatMul/Gemm, per channel for Conv, per row for embeddings; dequantized
     # once at load (standard Cast/Mul/Reshape that runtimes constant-fold).
     "int8-weights": lambda: Int8WeightsPass(Int8WeightsConfig(granularity="block")),

@@ -262,7 +262,7 @@ def make_session(path: str | Path, threads: int = 0) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # errors are raised as exceptions; keep stderr to one line
     if threads:
         opts.intra_op_num_threads = threads
     try:

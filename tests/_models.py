@@ -179,3 +179,39 @@ def embedding_model(vocab: int = 100, dim: int = 64, seed: int = 0, tied: bool =
         [nh.from_array(e, "E"), nh.from_array(w, "W")],
     )
     return _model(g)
+
+
+def shape_chain_model(seed: int = 0) -> onnx.ModelProto:
+    """x[N, 4, 8]: static Shape->Gather->Unsqueeze->Concat->Reshape, a constant subgraph (Transpose,
+    Mul), a ConstantOfShape bomb guarded by size, and a Constant node."""
+    rng = _rng(seed)
+    w = rng.standard_normal((32, 8)).astype(np.float32)
+    nodes = [
+        h.make_node("Shape", ["x"], ["shp"], name="shape"),
+        h.make_node("Constant", [], ["idx"], name="const_idx", value=nh.from_array(np.array([1, 2], np.int64))),
+        h.make_node("Gather", ["shp", "idx"], ["dims"], name="gather", axis=0),  # [4, 8]: static
+        h.make_node("ReduceProd", ["dims"], ["prod"], name="prod", keepdims=1),  # [32]
+        h.make_node("Constant", [], ["minus1"], name="const_m1", value=nh.from_array(np.array([-1], np.int64))),
+        h.make_node("Concat", ["minus1", "prod"], ["newshape"], name="concat", axis=0),
+        h.make_node("Reshape", ["x", "newshape"], ["flat"], name="reshape"),  # [N, 32]
+        h.make_node("Transpose", ["Wt"], ["W"], name="transpose_w", perm=[1, 0]),  # constant subgraph
+        h.make_node("Mul", ["W", "two"], ["W2"], name="scale_w"),
+        h.make_node("MatMul", ["flat", "W2"], ["y"], name="mm"),
+        h.make_node(
+            "ConstantOfShape", ["big_shape"], ["zeros"], name="bomb", value=nh.from_array(np.array([0.0], np.float32))
+        ),
+        h.make_node("ReduceSum", ["zeros"], ["zsum"], name="zsum", keepdims=0),
+        h.make_node("Add", ["y", "zsum"], ["out"], name="add"),
+    ]
+    g = h.make_graph(
+        nodes,
+        "shapes",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 4, 8])],
+        [h.make_tensor_value_info("out", T.FLOAT, ["N", 8])],
+        [
+            nh.from_array(np.ascontiguousarray(w.T), "Wt"),
+            nh.from_array(np.array(2.0, np.float32), "two"),
+            nh.from_array(np.array([1000, 1000], np.int64), "big_shape"),
+        ],
+    )
+    return _model(g)

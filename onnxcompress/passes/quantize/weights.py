@@ -315,8 +315,15 @@ class Int8WeightsPass:
                 if scale.dtype == np.float16:
                     s16 = s_const
                     s_const = gs.Variable(fresh_name(names, f"{base}_scale_float"), dtype=np.float32)
-                    nodes.append(gs.Node("Cast", name=fresh_name(names, f"{base}_scale_Cast"), attrs={"to": 1},
-                                         inputs=[s16], outputs=[s_const]))
+                    nodes.append(
+                        gs.Node(
+                            "Cast",
+                            name=fresh_name(names, f"{base}_scale_Cast"),
+                            attrs={"to": 1},
+                            inputs=[s16],
+                            outputs=[s_const],
+                        )
+                    )
                 nodes += [
                     gs.Node(
                         "Mul", name=fresh_name(names, f"{base}_Mul"), inputs=[cast_out, s_const], outputs=[mul_out]
