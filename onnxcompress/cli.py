@@ -218,7 +218,11 @@ def compress(
     ] = False,
     quantize: Annotated[
         str | None,
-        typer.Option("--quantize", "-q", help="Quantization: int8-weights (per channel) or int8-weights-per-tensor."),
+        typer.Option(
+            "--quantize",
+            "-q",
+            help="Quantization: int8-weights (blocks of 32, dequantized at load), int8-weights-qdq (per-channel DequantizeLinear) or int8-weights-per-tensor.",
+        ),
     ] = None,
     technique: Annotated[
         list[str] | None,
