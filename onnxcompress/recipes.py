@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from .errors import OnnxCompressError
 from .passes.base import Pass
+from .passes.fold.branches import FoldIfPass
 from .passes.fold.constants import FoldConstantsPass
 from .passes.fold.dce import DeadCodePass
 from .passes.fold.dedup import CommonSubexpressionPass, DedupConstantsPass
@@ -21,7 +22,7 @@ def fold_pass() -> Pass:
     """The lossless simplifier: its passes repeated until a round changes nothing."""
     return FixedPointPass(
         "fold",
-        [FoldConstantsPass(), DedupConstantsPass(), CommonSubexpressionPass(), DeadCodePass()],
+        [FoldConstantsPass(), FoldIfPass(), DedupConstantsPass(), CommonSubexpressionPass(), DeadCodePass()],
     )
 
 

@@ -202,3 +202,38 @@ def test_fold_matmul_model_unchanged(tmp_path: Path) -> None:
     src = save(matmul_model(), tmp_path / "m.onnx")
     _, report = _fold(src, tmp_path / "f.onnx")
     assert not report.modified
+
+
+@pytest.mark.parametrize("cond", [True, False])
+def test_if_with_constant_condition_is_inlined(tmp_path: Path, cond: bool) -> None:
+    then_g = h.make_graph(
+        [h.make_node("Mul", ["x", "two"], ["t1"], name="t_mul"), h.make_node("Relu", ["t1"], ["t_out"], name="t_relu")],
+        "then",
+        [],
+        [h.make_tensor_value_info("t_out", T.FLOAT, None)],
+        [nh.from_array(np.array(2.0, np.float32), "two")],
+    )
+    else_g = h.make_graph(
+        [h.make_node("Identity", ["x"], ["e_out"], name="e_id")],
+        "else",
+        [],
+        [h.make_tensor_value_info("e_out", T.FLOAT, None)],
+    )
+    g = h.make_graph(
+        [
+            h.make_node("Not", ["flag"], ["c"], name="not"),
+            h.make_node("If", ["c"], ["y"], name="if", then_branch=then_g, else_branch=else_g),
+            h.make_node("Neg", ["y"], ["z"], name="neg"),
+        ],
+        "ifconst",
+        [h.make_tensor_value_info("x", T.FLOAT, [4])],
+        [h.make_tensor_value_info("y", T.FLOAT, [4]), h.make_tensor_value_info("z", T.FLOAT, [4])],
+        [nh.from_array(np.array(not cond), "flag")],
+    )
+    src = save(_model(g), tmp_path / "m.onnx")
+    out, report = _fold(src, tmp_path / "f.onnx")
+    ops = _ops(out)
+    assert "If" not in ops
+    assert ops == (Counter({"Mul": 1, "Relu": 1, "Neg": 1}) if cond else Counter({"Identity": 1, "Neg": 1}))
+    assert [o.name for o in onnx.load(str(out)).graph.output] == ["y", "z"]
+    assert_equivalent(src, out, [{"x": np.array([-1.0, 0.0, 1.5, 3.0], np.float32)}])
