@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -301,37 +300,38 @@ def compress(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code; every error becomes one line on stderr."""
+    """Run the CLI and return its exit code; every error becomes one line on stderr.
+
+    Usage errors are reported by typer (exit 2); errors from the library are caught here.
+    """
     command = typer.main.get_command(app)
     try:
-        rv = command.main(args=argv, prog_name="onnxcompress", standalone_mode=False)
-        return rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return 2
-    except (click.Abort, KeyboardInterrupt):
-        err.print("onnxcompress: interrupted")
-        return 2
+        command.main(args=argv, prog_name="onnxcompress", standalone_mode=True)
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 2)
     except ValidationFailed as exc:
         err.print(f"onnxcompress: {exc}", markup=False, soft_wrap=True)
         return 1
     except OnnxCompressError as exc:
         err.print(f"error: {exc}", markup=False, soft_wrap=True)
         return 2
+    except KeyboardInterrupt:
+        err.print("onnxcompress: interrupted")
+        return 2
     except MemoryError:
         err.print("error: out of memory: lower the work size or raise the available memory", soft_wrap=True)
         return 2
     except Exception as exc:  # last resort: one line, never a traceback
         logging.getLogger(__name__).debug("internal error", exc_info=True)
+        first = str(exc).splitlines()[0] if str(exc) else ""
         err.print(
-            f"error: internal error ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "rerun with -v and report it",
+            f"error: internal error ({type(exc).__name__}: {first}); rerun with -v and report it",
             markup=False,
             soft_wrap=True,
         )
         return 2
+    return 0
 
 
 def run() -> None:
