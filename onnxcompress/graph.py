@@ -295,6 +295,11 @@ def replace_tensor(tree: GraphTree, old: gs.Tensor, new: gs.Tensor) -> bool:
     out_graphs = [g for g in tree.graphs.values() if any(o is old for o in g.outputs)]
     if out_graphs and (isinstance(new, gs.Constant) or not new.inputs or is_graph_io(tree, new)):
         return False
+    for g in out_graphs:
+        # A subgraph output can only take over a tensor computed inside that subgraph: renaming an
+        # outer tensor would change the name every other reader sees.
+        if g is not tree.root and tree.node_graph.get(id(new.inputs[0])) is not g:
+            return False
     for node in list(old.outputs):
         for i, t in enumerate(node.inputs):
             if t is old:

@@ -119,6 +119,66 @@ def iter_model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                     yield t
 
 
+def _require_text(*values: object) -> None:
+    """Raise UnicodeDecodeError-like failure when protobuf handed back bytes (invalid UTF-8)."""
+    for v in values:
+        if not isinstance(v, str):
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "invalid UTF-8 in a string field")
+
+
+_ATTR_FIELDS = {
+    onnx.AttributeProto.GRAPH: "g",
+    onnx.AttributeProto.TENSOR: "t",
+    onnx.AttributeProto.SPARSE_TENSOR: "sparse_tensor",
+    onnx.AttributeProto.TYPE_PROTO: "tp",
+}
+
+
+def _check_attribute(node: onnx.NodeProto, attr: onnx.AttributeProto) -> None:
+    """The attribute's declared type must match the field it fills."""
+    label = node.name or node.op_type
+    bad = attr.type == onnx.AttributeProto.UNDEFINED and not attr.ref_attr_name
+    for kind, field in _ATTR_FIELDS.items():
+        if attr.HasField(field) != (attr.type == kind) and not attr.ref_attr_name:
+            bad = True
+    if (len(attr.graphs) > 0) and attr.type != onnx.AttributeProto.GRAPHS:
+        bad = True
+    if bad:
+        raise OnnxCompressError(
+            f"model refused: attribute {attr.name!r} of node {label!r} has a type that does not match its value"
+        )
+
+
+def _check_graph_refs(graph: onnx.GraphProto, outer: set[str], where: str = "main graph") -> None:
+    """Every name must be valid UTF-8 and every node input defined before use (in scope)."""
+    try:
+        _require_text(graph.name, *(i.name for i in graph.input), *(o.name for o in graph.output))
+        _require_text(*(t.name for t in graph.initializer))
+        known = set(outer)
+        known.update(i.name for i in graph.input)
+        known.update(t.name for t in graph.initializer)
+        known.update(st.values.name for st in graph.sparse_initializer)
+        for node in graph.node:
+            _require_text(node.op_type, node.domain, node.name, *node.input, *node.output)
+            for name in node.input:
+                if name and name not in known:
+                    label = node.name or node.op_type
+                    raise OnnxCompressError(
+                        f"model refused: node {label!r} in the {where} reads {name!r}, which nothing defines before it"
+                    )
+            for attr in node.attribute:
+                _check_attribute(node, attr)
+                subs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+                for sub in subs:
+                    _check_graph_refs(sub, known, f"subgraph {sub.name!r}")
+            known.update(o for o in node.output if o)
+        for o in graph.output:
+            if o.name not in known:
+                raise OnnxCompressError(f"model refused: output {o.name!r} of the {where} is never computed")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        raise OnnxCompressError("model refused: a name in the model is not valid UTF-8 (corrupted file?)") from None
+
+
 def _count_nodes(graph: onnx.GraphProto) -> int:
     n = len(graph.node)
     for node in graph.node:
@@ -299,6 +359,14 @@ def read_proto(path: str | os.PathLike[str], max_memory: int | None = None) -> o
         raise OnnxCompressError(f"{path} is not an ONNX model (no IR version or graph in the file)")
     if _count_nodes(model.graph) > MAX_NODES:
         raise OnnxCompressError(f"model refused: more than {MAX_NODES} nodes")
+    try:
+        _require_text(*(o.domain for o in model.opset_import))
+        _require_text(*(p.key for p in model.metadata_props), *(p.value for p in model.metadata_props))
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        raise OnnxCompressError("model refused: a name in the model is not valid UTF-8 (corrupted file?)") from None
+    if model.ir_version >= 3 and not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
+        raise OnnxCompressError(f"{path} declares no ONNX opset (opset_import): truncated or malformed model")
+    _check_graph_refs(model.graph, set())
     total = 0
     base_dir = path.parent
     for tensor in iter_model_tensors(model):

@@ -14,6 +14,14 @@ from .passes.fold.branches import FoldIfPass
 from .passes.fold.constants import FoldConstantsPass
 from .passes.fold.dce import DeadCodePass
 from .passes.fold.dedup import CommonSubexpressionPass, DedupConstantsPass
+from .passes.fold.fusions import (
+    FuseBatchNormPass,
+    FuseConstantAffinePass,
+    FuseMatMulAddPass,
+    FuseReshapesPass,
+    FuseTransposesPass,
+)
+from .passes.fold.noops import EliminateNoOpsPass
 from .passes.quantize import Int8WeightsConfig, Int8WeightsPass
 from .pipeline import FixedPointPass
 
@@ -22,7 +30,19 @@ def fold_pass() -> Pass:
     """The lossless simplifier: its passes repeated until a round changes nothing."""
     return FixedPointPass(
         "fold",
-        [FoldConstantsPass(), FoldIfPass(), DedupConstantsPass(), CommonSubexpressionPass(), DeadCodePass()],
+        [
+            FoldConstantsPass(),
+            FoldIfPass(),
+            EliminateNoOpsPass(),
+            FuseBatchNormPass(),
+            FuseConstantAffinePass(),
+            FuseMatMulAddPass(),
+            FuseTransposesPass(),
+            FuseReshapesPass(),
+            DedupConstantsPass(),
+            CommonSubexpressionPass(),
+            DeadCodePass(),
+        ],
     )
 
 

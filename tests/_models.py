@@ -215,3 +215,53 @@ def shape_chain_model(seed: int = 0) -> onnx.ModelProto:
         ],
     )
     return _model(g)
+
+
+# --- fusion builders (tests/test_fold_fusions.py) ---------------------------------------------------
+
+
+def conv_bn_model(
+    op: str = "Conv",
+    group: int = 1,
+    bias: bool = True,
+    seed: int = 0,
+    opset: int = 17,
+    constant_nodes: bool = False,
+    extra_reader: bool = False,
+    dynamic_mean: bool = False,
+) -> onnx.ModelProto:
+    """x[N, 4, 6, 6] -> ``op`` (Conv or ConvTranspose, 4 -> 6 channels, 3x3, ``group``) -> BatchNormalization
+    -> Relu -> y. ``extra_reader`` also returns the conv output as ``c``; ``dynamic_mean`` makes the
+    BatchNormalization mean a graph input; ``constant_nodes`` gives the weights as Constant nodes."""
+    rng = _rng(seed)
+    cin, cout = 4, 6
+    wshape = (cout, cin // group, 3, 3) if op == "Conv" else (cin, cout // group, 3, 3)
+    consts = {"W": (rng.standard_normal(wshape) * 0.3).astype(np.float32)}
+    if bias:
+        consts["B"] = rng.standard_normal(cout).astype(np.float32)
+    consts["gamma"] = rng.uniform(0.5, 1.5, cout).astype(np.float32)
+    consts["beta"] = rng.standard_normal(cout).astype(np.float32)
+    if not dynamic_mean:
+        consts["mean"] = rng.standard_normal(cout).astype(np.float32)
+    consts["var"] = rng.uniform(0.5, 2.0, cout).astype(np.float32)
+    conv_inputs = ["x", "W"] + (["B"] if bias else [])
+    nodes = [
+        h.make_node(op, conv_inputs, ["c"], name="conv", group=group, pads=[1, 1, 1, 1]),
+        h.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["bn"], name="bn", epsilon=1e-3),
+        h.make_node("Relu", ["bn"], ["y"], name="relu"),
+    ]
+    inits = []
+    if constant_nodes:
+        nodes = [
+            h.make_node("Constant", [], [k], name=f"const_{k}", value=nh.from_array(v, k + "_value"))
+            for k, v in consts.items()
+        ] + nodes
+    else:
+        inits = [nh.from_array(v, k) for k, v in consts.items()]
+    inputs = [h.make_tensor_value_info("x", T.FLOAT, ["N", cin, 6, 6])]
+    if dynamic_mean:
+        inputs.append(h.make_tensor_value_info("mean", T.FLOAT, [cout]))
+    outputs = [h.make_tensor_value_info("y", T.FLOAT, ["N", cout, 6, 6])]
+    if extra_reader:
+        outputs.append(h.make_tensor_value_info("c", T.FLOAT, ["N", cout, 6, 6]))
+    return _model(h.make_graph(nodes, "conv_bn", inputs, outputs, inits), opset)
