@@ -258,7 +258,8 @@ class Int8WeightsPass:
             reduce_axis = red + 1
             amax = np.abs(wb).max(axis=reduce_axis, keepdims=True)
             scale = np.where(amax > 0, amax / np.float32(QMAX), np.float32(1.0)).astype(np.float32)
-            half = scale.astype(np.float16)
+            with np.errstate(over="ignore", under="ignore"):
+                half = scale.astype(np.float16)
             if np.all(np.isfinite(half)) and np.all(half >= np.finfo(np.float16).tiny):
                 scale = half  # block scales in float16: half the overhead, 0.05% scale error
             q = np.clip(np.rint(wb / scale.astype(np.float32)), -QMAX, QMAX).astype(np.int8)
