@@ -12,11 +12,13 @@ warnings naming the node when onnx says which one.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph import Model, iter_graphs
+from .graph import Model, constant_meta, iter_graphs
 from .io import export_model
 
 log = logging.getLogger(__name__)
@@ -82,3 +84,78 @@ def _apply(graph: gs.Graph, info: dict[str, onnx.ValueInfoProto]) -> None:
                     pass
             if tt.HasField("shape"):
                 t.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+
+
+Dim = int | None
+Shape = tuple[Dim, ...]
+
+
+def onnx_dtype(dtype: Any) -> int | None:
+    """The ONNX ``TensorProto`` data type code of a graphsurgeon/numpy dtype, or None if unknown."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, (int, np.integer)):
+        return int(dtype)  # graphsurgeon keeps the ONNX code for types numpy lacks (bfloat16, ...)
+    try:
+        return int(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def normalize_shape(shape: Any) -> Shape | None:
+    """A shape as a tuple of ints, with None for symbolic or unknown dims."""
+    if shape is None:
+        return None
+    return tuple(int(d) if isinstance(d, (int, np.integer)) and d >= 0 else None for d in shape)
+
+
+class TensorFacts:
+    """Dtypes, shapes and ranks of tensors, with onnx shape inference run lazily and at most once.
+
+    Inference runs the first time someone asks about a tensor that a node computes; the annotations
+    it writes on the graph are recorded here and then put back, so the model is left as it was.
+    Constants answer from their values' metadata, graph inputs from their declarations.
+    """
+
+    def __init__(self, model: Model) -> None:
+        self._model = model
+        self._inferred: dict[int, tuple[Any, Any]] | None = None
+        self.warnings: list[str] = []
+
+    def infer(self) -> dict[int, tuple[Any, Any]]:
+        """Run inference now (once); returns ``{id(tensor): (dtype, shape)}`` of computed tensors."""
+        if self._inferred is None:
+            computed = [
+                t
+                for g in iter_graphs(self._model.graph)
+                for n in g.nodes
+                for t in n.outputs
+                if isinstance(t, gs.Variable)
+            ]
+            saved = [(t.dtype, t.shape) for t in computed]
+            self.warnings = infer_shapes(self._model)
+            self._inferred = {id(t): (t.dtype, t.shape) for t in computed}
+            for t, (dtype, shape) in zip(computed, saved):
+                t.dtype, t.shape = dtype, shape
+        return self._inferred
+
+    def _meta(self, t: gs.Tensor) -> tuple[Any, Any]:
+        meta = constant_meta(t)
+        if meta is not None:
+            return meta[1], meta[0]
+        if t.inputs:  # computed by a node: ask inference
+            return self.infer().get(id(t), (t.dtype, t.shape))
+        return t.dtype, t.shape  # a graph input: its declaration
+
+    def dtype(self, t: gs.Tensor) -> int | None:
+        """The ONNX dtype code of ``t``, or None."""
+        return onnx_dtype(self._meta(t)[0])
+
+    def shape(self, t: gs.Tensor) -> Shape | None:
+        """The shape of ``t`` (None dims for symbolic ones), or None if unknown."""
+        return normalize_shape(self._meta(t)[1])
+
+    def rank(self, t: gs.Tensor) -> int | None:
+        """The rank of ``t``, or None if unknown."""
+        shape = self.shape(t)
+        return None if shape is None else len(shape)

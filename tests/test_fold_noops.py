@@ -19,8 +19,8 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import onnxcompress as oc
+from onnxcompress import shapes
 from onnxcompress.passes.base import PassContext
-from onnxcompress.passes.fold import noops
 from onnxcompress.passes.fold.noops import EliminateNoOpsConfig, EliminateNoOpsPass
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -546,13 +546,13 @@ def test_idempotent_and_deterministic(tmp_path: Path) -> None:
 
 def test_shape_inference_runs_at_most_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    real = noops.infer_shapes
+    real = shapes.infer_shapes
 
     def counting(model: oc.Model) -> list[str]:
         calls.append(1)
         return real(model)
 
-    monkeypatch.setattr(noops, "infer_shapes", counting)
+    monkeypatch.setattr(shapes, "infer_shapes", counting)
     EliminateNoOpsPass().run(oc.load(save(_kitchen_sink(), tmp_path / "k.onnx")), PassContext())
     assert len(calls) == 1
     calls.clear()

@@ -85,11 +85,10 @@ from ...graph import (
     fresh_name,
     is_constant,
     is_graph_io,
-    iter_graphs,
     iter_nodes,
     replace_tensor,
 )
-from ...shapes import infer_shapes
+from ...shapes import TensorFacts
 from ..base import PassContext, PassReport
 
 _ONNX_DOMAINS = ("", "ai.onnx", None)
@@ -217,34 +216,6 @@ def _channel_vector(value: np.ndarray, rank: int | None, axis: int, channels: in
     return np.broadcast_to(value.astype(np.float64).reshape(-1), (channels,))
 
 
-class _Ranks:
-    """Tensor ranks: constants and declared shapes, else onnx shape inference, run at most once.
-
-    Inference runs only when a pass asks for it before changing anything; the annotations it writes
-    are recorded here and put back, so the model is left as it was.
-    """
-
-    def __init__(self, model: Model) -> None:
-        self._model = model
-        self._inferred: dict[int, Any] = {}
-        self.warnings: list[str] = []
-
-    def infer(self) -> None:
-        computed = [t for g in iter_graphs(self._model.graph) for n in g.nodes for t in n.outputs]
-        saved = [(t.dtype, t.shape) for t in computed]
-        self.warnings = infer_shapes(self._model)
-        self._inferred = {id(t): t.shape for t in computed}
-        for t, (dtype, shape) in zip(computed, saved):
-            t.dtype, t.shape = dtype, shape
-
-    def rank(self, t: gs.Tensor) -> int | None:
-        meta = constant_meta(t)
-        if meta is not None:
-            return len(meta[0])
-        shape = self._inferred.get(id(t), t.shape) if t.inputs else t.shape
-        return None if shape is None else len(shape)
-
-
 class _Run:
     """The state of one pass run: report, names, graph tree, counters, and the rewiring helpers."""
 
@@ -255,7 +226,7 @@ class _Run:
         self.bytes_before = constant_bytes(model.graph)
         self.tree = GraphTree(model.graph)
         self.names = all_tensor_names(model.graph)
-        self.ranks = _Ranks(model)
+        self.ranks = TensorFacts(model)
         self.fused: Counter[str] = Counter()
 
     def nodes(self, ops: Sequence[str]) -> list[tuple[gs.Graph, gs.Node]]:

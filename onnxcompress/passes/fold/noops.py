@@ -60,10 +60,8 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from ...graph import (
@@ -78,14 +76,11 @@ from ...graph import (
     iter_graphs,
     replace_tensor,
 )
-from ...shapes import infer_shapes
+from ...shapes import Shape, TensorFacts
 from ..base import PassContext, PassReport
 
 INT64_MAX = 2**63 - 1
 _ONNX_DOMAINS = ("", "ai.onnx", None)
-
-Dim = int | None  # a static size, or None for a symbolic/unknown one
-Shape = tuple[Dim, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,24 +95,6 @@ class EliminateNoOpsConfig:
 
     signed_zeros: bool = False
     exclude: tuple[str, ...] = ()
-
-
-def _onnx_dtype(dtype: Any) -> int | None:
-    """An ONNX ``TensorProto`` data type code for a graphsurgeon/numpy dtype, or None if unknown."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, (int, np.integer)):
-        return int(dtype)  # graphsurgeon keeps the ONNX code for types numpy lacks (bfloat16, ...)
-    try:
-        return int(onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _normalize_shape(shape: Any) -> Shape | None:
-    if shape is None:
-        return None
-    return tuple(int(d) if isinstance(d, (int, np.integer)) and d >= 0 else None for d in shape)
 
 
 def _is_static(shape: Shape | None) -> bool:
@@ -153,49 +130,6 @@ def _broadcast_keeps(small: Sequence[int], shape: Shape | None) -> bool:
     return True
 
 
-class _Facts:
-    """Dtypes and shapes of tensors, with onnx shape inference run lazily and at most once.
-
-    Inference runs the first time a rule asks about a tensor some node computes; the annotations it
-    writes on the graph are recorded here and then put back, so the model is left as it was.
-    """
-
-    def __init__(self, model: Model) -> None:
-        self._model = model
-        self._inferred: dict[int, tuple[Any, Any]] | None = None
-        self.warnings: list[str] = []
-
-    def _ensure(self) -> dict[int, tuple[Any, Any]]:
-        if self._inferred is None:
-            computed = [
-                t
-                for g in iter_graphs(self._model.graph)
-                for n in g.nodes
-                for t in n.outputs
-                if isinstance(t, gs.Variable)
-            ]
-            saved = [(t.dtype, t.shape) for t in computed]
-            self.warnings = infer_shapes(self._model)
-            self._inferred = {id(t): (t.dtype, t.shape) for t in computed}
-            for t, (dtype, shape) in zip(computed, saved):
-                t.dtype, t.shape = dtype, shape
-        return self._inferred
-
-    def _meta(self, t: gs.Tensor) -> tuple[Any, Any]:
-        meta = constant_meta(t)
-        if meta is not None:
-            return meta[1], meta[0]
-        if t.inputs:  # computed by a node: ask inference
-            return self._ensure().get(id(t), (t.dtype, t.shape))
-        return t.dtype, t.shape  # a graph input: its declaration
-
-    def dtype(self, t: gs.Tensor) -> int | None:
-        return _onnx_dtype(self._meta(t)[0])
-
-    def shape(self, t: gs.Tensor) -> Shape | None:
-        return _normalize_shape(self._meta(t)[1])
-
-
 Rule = Callable[["_Rules", gs.Node], "int | str | None"]
 
 
@@ -203,7 +137,7 @@ class _Rules:
     """One method per op. Each returns the index of the input the output equals, a reason to keep
     the node worth reporting, or None when the node is not a no-op."""
 
-    def __init__(self, facts: _Facts, opset: int, config: EliminateNoOpsConfig) -> None:
+    def __init__(self, facts: TensorFacts, opset: int, config: EliminateNoOpsConfig) -> None:
         self.facts = facts
         self.opset = opset
         self.config = config
@@ -450,7 +384,7 @@ class EliminateNoOpsPass:
         """Remove no-op nodes in every graph of ``model``, subgraphs included."""
         report = PassReport(self.name)
         nodes_before, bytes_before = count_nodes(model.graph), constant_bytes(model.graph)
-        facts = _Facts(model)
+        facts = TensorFacts(model)
         found = self._find(model, facts, report)
         for warning in facts.warnings:
             report.skipped.append(("shape inference", warning))
@@ -480,7 +414,7 @@ class EliminateNoOpsPass:
         }
         return report
 
-    def _find(self, model: Model, facts: _Facts, report: PassReport) -> dict[int, tuple[gs.Node, int]]:
+    def _find(self, model: Model, facts: TensorFacts, report: PassReport) -> dict[int, tuple[gs.Node, int]]:
         """Every no-op node: ``{id(node): (node, index of the input it passes on)}``; nothing is changed."""
         rules = _Rules(facts, model.opset, self.config)
         found: dict[int, tuple[gs.Node, int]] = {}
