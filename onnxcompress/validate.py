@@ -324,20 +324,31 @@ def compare(
     start = time.perf_counter()
     tols = [t if isinstance(t, Tolerance) else Tolerance.parse(t) for t in tolerances]
     ref = reference if reference is not None else run_session(make_session(original), feeds, "original")
-    cand_session = make_session(candidate)
-    cand_names = [o.name for o in cand_session.get_outputs()]
-    if cand_names != list(ref):
-        raise OnnxCompressError(f"the models' outputs differ: original {list(ref)}, candidate {cand_names}")
-    cand = run_session(cand_session, feeds, "candidate")
+    try:
+        cand_session = make_session(candidate)
+        cand_names = [o.name for o in cand_session.get_outputs()]
+        if cand_names != list(ref):
+            raise OnnxCompressError(f"the models' outputs differ: original {list(ref)}, candidate {cand_names}")
+        cand = run_session(cand_session, feeds, "candidate")
+    except OnnxCompressError as exc:
+        # The candidate is what is being judged: a candidate onnxruntime cannot run fails validation.
+        return ValidationReport(
+            passed=False,
+            outputs={},
+            tolerances=[str(t) for t in tols],
+            num_feeds=len(feeds),
+            num_samples=_count_samples(feeds),
+            feeds_source=feeds_source,
+            failures=[f"candidate: {exc}"],
+            seconds=time.perf_counter() - start,
+        )
     outputs = {name: output_diff(name, ref[name], cand[name]) for name in ref}
     report = ValidationReport(
         passed=True,
         outputs=outputs,
         tolerances=[str(t) for t in tols],
         num_feeds=len(feeds),
-        num_samples=sum(
-            int(next(iter(f.values())).shape[0]) if f and next(iter(f.values())).ndim else 1 for f in feeds
-        ),
+        num_samples=_count_samples(feeds),
         feeds_source=feeds_source,
     )
     for t in tols:
@@ -352,6 +363,15 @@ def compare(
     _check(report, tols)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _count_samples(feeds: list[dict[str, np.ndarray]]) -> int:
+    """Samples = rows along axis 0 of the first input of each feed (1 for a scalar or empty feed)."""
+    total = 0
+    for f in feeds:
+        first = next(iter(f.values()), None)
+        total += int(first.shape[0]) if first is not None and first.ndim else 1
+    return total
 
 
 def _check(report: ValidationReport, tols: list[Tolerance]) -> None:

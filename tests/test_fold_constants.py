@@ -237,3 +237,32 @@ def test_if_with_constant_condition_is_inlined(tmp_path: Path, cond: bool) -> No
     assert ops == (Counter({"Mul": 1, "Relu": 1, "Neg": 1}) if cond else Counter({"Identity": 1, "Neg": 1}))
     assert [o.name for o in onnx.load(str(out)).graph.output] == ["y", "z"]
     assert_equivalent(src, out, [{"x": np.array([-1.0, 0.0, 1.5, 3.0], np.float32)}])
+
+
+def test_folded_scalars_stay_scalars(tmp_path: Path) -> None:
+    g = h.make_graph(
+        [
+            h.make_node("Shape", ["x"], ["s"]),
+            h.make_node("Gather", ["s", "i"], ["d"], axis=0),  # a scalar: 8
+            h.make_node("Unsqueeze", ["d", "ax"], ["u"]),
+            h.make_node("Concat", ["m1", "u"], ["shape"], axis=0),
+            h.make_node("Reshape", ["x", "shape"], ["r"]),
+            h.make_node("ReduceSum", ["c44"], ["total"], keepdims=0),  # evaluated in onnxruntime: a scalar
+            h.make_node("Mul", ["r", "total"], ["y"]),
+        ],
+        "scalars",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 8])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 8])],
+        [
+            nh.from_array(np.array(1, np.int64), "i"),
+            nh.from_array(np.array([0], np.int64), "ax"),
+            nh.from_array(np.array([-1], np.int64), "m1"),
+            nh.from_array(np.ones((4, 4), np.float32), "c44"),
+        ],
+    )
+    src = save(_model(g, opset=13), tmp_path / "m.onnx")
+    out, _ = _fold(src, tmp_path / "f.onnx")
+    m = onnx.load(str(out))
+    total = next(i for i in m.graph.initializer if i.name == "total")
+    assert list(total.dims) == []
+    assert_equivalent(src, out, [{"x": np.ones((3, 8), np.float32)}])

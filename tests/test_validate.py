@@ -116,3 +116,14 @@ def test_validate_api_uses_sidecar_inputs(tmp_path: Path) -> None:
     np.savez(tmp_path / "a.inputs.npz", x=np.ones((5, 4, 64), np.float32))
     report = oc.validate(src, src)
     assert report.feeds_source.endswith("a.inputs.npz") and report.num_samples == 5
+
+
+def test_candidate_onnxruntime_cannot_run_fails_validation(tmp_path: Path) -> None:
+    src = save(matmul_model(), tmp_path / "a.onnx")
+    m = onnx.load(str(src))
+    m.graph.node[0].op_type = "Conv"  # a MatMul turned into a malformed Conv: onnxruntime refuses it
+    bad = tmp_path / "b.onnx"
+    onnx.save(m, str(bad))
+    feeds = [{"x": np.ones((2, 4, 64), np.float32)}]
+    report = compare(src, bad, feeds, ["cosine>=0.99"])
+    assert not report.passed and report.failures[0].startswith("candidate: onnxruntime cannot load")

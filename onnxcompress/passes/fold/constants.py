@@ -5,7 +5,8 @@ Three steps per graph (main graph first, then every subgraph, which may read out
 1. ``Constant`` nodes become initializers (no evaluation needed).
 2. Shape folding: with the shapes from onnx's shape inference, ``Shape(x)`` / ``Size(x)`` of a fully
    static ``x``, and ``Gather``/``Slice`` of a ``Shape`` that only pick static dimensions, become
-   constants; dynamic (symbolic) dimensions stay dynamic.
+   constants; a ``Reshape`` whose computed target is known but for one (dynamic) dimension gets a
+   constant target with ``-1`` there; dynamic (symbolic) dimensions stay dynamic.
 3. Waves of evaluation: every node whose inputs are all constants is evaluated in onnxruntime (all
    graph optimizations off, so each op computes exactly its ONNX definition), one session per wave
    for all the wave's nodes, until no node is left to fold.
@@ -41,9 +42,11 @@ import onnx_graphsurgeon as gs
 from ...graph import (
     GraphTree,
     Model,
+    all_tensor_names,
     constant_bytes,
     constant_value,
     count_nodes,
+    fresh_name,
     is_constant,
     iter_graphs,
     tensor_nbytes,
@@ -162,9 +165,16 @@ class FoldConstantsPass:
     def _shapes(model: Model, folded: dict[str, int]) -> bool:
         changed = False
         tree = GraphTree(model.graph)
+        names = all_tensor_names(model.graph)
         for g in iter_graphs(model.graph):
             for node in list(g.nodes):
                 if not _is_default_domain(node) or not node.outputs:
+                    continue
+                target = _reshape_target(node)
+                if target is not None:
+                    node.inputs[1] = gs.Constant(fresh_name(names, f"{node.outputs[0].name}_shape"), target)
+                    folded["Reshape(shape)"] = folded.get("Reshape(shape)", 0) + 1
+                    changed = True
                     continue
                 value = _shape_value(node)
                 if value is not None and _replace_with_constant(tree, g, node.outputs[0], value, node):
@@ -382,7 +392,7 @@ def _replace_with_constant(
     if _is_subgraph_output(tree, g, var):
         return False
     name = var.name
-    const = gs.Constant(name, np.ascontiguousarray(value))
+    const = gs.Constant(name, np.asarray(value, order="C"))
     var.name = f"{name}__folded"
     for consumer in list(var.outputs):
         for i, t in enumerate(consumer.inputs):
@@ -409,6 +419,24 @@ def _constant_attr_value(node: gs.Node) -> np.ndarray | None:
     if "value_ints" in attrs:
         return np.array(attrs["value_ints"], dtype=np.int64)
     return None
+
+
+def _reshape_target(node: gs.Node) -> np.ndarray | None:
+    """A constant target for a Reshape whose computed target is known but for one dimension.
+
+    The inferred output shape gives every static dimension; one unknown (symbolic) dimension
+    becomes -1, which Reshape computes back from the element count. Not when a static dimension is
+    0 without ``allowzero`` (0 would mean "copy the input's dimension").
+    """
+    if node.op != "Reshape" or len(node.inputs) != 2 or is_constant(node.inputs[1]):
+        return None
+    shape = node.outputs[0].shape
+    if shape is None:
+        return None
+    dims = [d if isinstance(d, int) and d >= 0 else None for d in shape]
+    if sum(d is None for d in dims) > 1 or (0 in dims and not node.attrs.get("allowzero", 0)):
+        return None
+    return np.array([-1 if d is None else d for d in dims], dtype=np.int64)
 
 
 def _shape_value(node: gs.Node) -> np.ndarray | None:

@@ -255,7 +255,7 @@ class _Run:
         return len(t.outputs) == 1 and t.outputs[0] is node and not self.is_output(t)
 
     def constant(self, base: str, value: np.ndarray) -> gs.Constant:
-        return gs.Constant(fresh_name(self.names, base), np.ascontiguousarray(value))
+        return gs.Constant(fresh_name(self.names, base), np.asarray(value, order="C"))
 
     def renamed(self, new: str, old: str) -> None:
         self.report.tensor_map[new] = self.report.tensor_map.pop(old, old)
@@ -704,7 +704,7 @@ def _transpose(run: _Run, g: gs.Graph, t: gs.Node, cfg: FuseTransposesConfig) ->
             assert value is not None
             name = out.name
             out.name = fresh_name(run.names, f"{name}__folded")
-            replace_tensor(run.tree, out, gs.Constant(name, np.ascontiguousarray(np.transpose(value, composed))))
+            replace_tensor(run.tree, out, gs.Constant(name, np.asarray(np.transpose(value, composed), order="C")))
             detach_node(t)
             run.fused["Transpose(constant)"] += 1
             return True
