@@ -18,12 +18,29 @@ and ``MatMulNBitsQuantizer`` (8 and 4 bits, where this onnxruntime has it) -- on
 
 ``--big`` adds the >2 GB round trip of ``scripts/big_model.py`` (when that module exists).
 
+``--fold`` runs only the fold comparison (also part of the full run, without onnx's light models, unless
+``--no-fold`` or ``--quick``): onnxcompress's lossless ``fold`` -- through ``compress(..., ["fold"],
+tolerances=["max_abs<=1e-4"], force=True)`` (``oc-fold``, its validation included) and the pass alone,
+load + fold + save (``oc-fold-pass``) -- against ``onnxsim.simplify``, ``onnxslim.slim`` and
+``onnxoptimizer.optimize`` with ``get_fuse_and_elimination_passes()`` (all with their defaults, in the
+anchor interpreter), each in its own subprocess. Models: the bench models, onnx's
+``backend/test/data/light/light_*.onnx`` and three models the bench builds (Paddle-style Constant weights
+with Conv+BN+Relu and Identity/Dropout leftovers; tf2onnx-style NHWC Transposes, Shape->Gather->Unsqueeze->
+Concat->Reshape and Reshape chains; an ``If`` with MatMul weights and Identity nodes in its branches).
+Per model and tool: nodes before/after (subgraphs included), output size, the tool's wall time and peak
+RSS, and whether the output still matches the original in onnxruntime on the model's feeds (sidecar or
+``generate_feeds``); a tool that crashes or breaks the model is a row with its error line. Then the
+verdicts: fold nodes <= the fewest nodes of an anchor with a correct output, and fold time (the pass
+alone, load and save included) <= onnxslim's. JSON: ``bench-results/bench-fold.json`` (``fold`` key).
+
 Usage::
 
     python scripts/bench.py                       # all models, all techniques, anchors
     python scripts/bench.py --quick               # smoke check: few runs
     python scripts/bench.py --model m.onnx --no-default-models --technique int8-weights
     python scripts/bench.py --anchor-python /path/venv/bin/python   # anchors from another env
+    python scripts/bench.py --fold --anchor-python /path/venv/bin/python   # fold vs onnxsim/onnxslim/onnxoptimizer
+    python scripts/bench.py --fold --filter synthetic --fold-tool oc-fold --fold-tool onnxslim
 
 Anchors run in the interpreter given by ``--anchor-python`` (default: ``$BENCH_ANCHOR_PYTHON`` or this
 one). ``MatMulNBitsQuantizer`` needs the ``onnx-ir`` package in that interpreter; without it those rows
@@ -44,6 +61,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -61,6 +79,7 @@ if TYPE_CHECKING:
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
 DEFAULT_JSON = REPO / "bench-results" / "bench.json"
+DEFAULT_FOLD_JSON = REPO / "bench-results" / "bench-fold.json"
 MINILM = REPO / "models" / "cache" / "minilm" / "minilm.onnx"
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx")
 DEFAULT_RUNS = 20
@@ -203,7 +222,9 @@ def environment_info() -> dict[str, Any]:
     }
 
 
-def format_header(env: dict[str, Any], anchor_env: dict[str, Any] | None, args: argparse.Namespace) -> str:
+def format_header(
+    env: dict[str, Any], anchor_env: dict[str, Any] | None, args: argparse.Namespace, quantization: bool = True
+) -> str:
     """The lines printed before the benchmark starts."""
     cpu = env["cpu"]
     flags = "  ".join(f"{k}={'yes' if v else 'no'}" for k, v in cpu["flags"].items())
@@ -216,9 +237,12 @@ def format_header(env: dict[str, Any], anchor_env: dict[str, Any] | None, args: 
         f"     {flags}",
         f"python {env['python']}  onnxruntime {env['onnxruntime']}  onnx {env['onnx']}  numpy {env['numpy']}  "
         f"onnxcompress {env['onnxcompress']}",
-        f"latency: intra_op_num_threads=1, median of {args.runs} samples after {args.warmup} warm-up calls, "
-        f"ABBA-interleaved, batch {args.batch}",
     ]
+    if quantization:
+        lines.append(
+            f"latency: intra_op_num_threads=1, median of {args.runs} samples after {args.warmup} warm-up calls, "
+            f"ABBA-interleaved, batch {args.batch}"
+        )
     if anchor_env is not None:
         where = anchor_env["python"]
         ver = anchor_env.get("onnxruntime", "?")
@@ -440,12 +464,114 @@ def _work_big_roundtrip(model: str, output: str, params: dict[str, Any]) -> dict
     }
 
 
+def _save_proto(proto: Any, output: str) -> None:
+    """``onnx.save``, with external data when the model is too large for one protobuf."""
+    import onnx
+
+    if proto.ByteSize() > EXTERNAL_DATA_BYTES:
+        onnx.save(proto, output, save_as_external_data=True, location=Path(output).name + ".data")
+    else:
+        onnx.save(proto, output)
+
+
+def _work_fold_compress(model: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``onnxcompress.compress(model, out, ["fold"], tolerances=..., force=True)``: load, fold, save, validate."""
+    import onnxcompress as oc
+
+    rss_import = _peak_rss_bytes(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    try:
+        report = oc.compress(model, output, ["fold"], tolerances=list(params["tolerances"]), force=True)
+        validation_failed = False
+    except oc.ValidationFailed as exc:
+        report, validation_failed = exc.report, True
+    seconds = time.perf_counter() - start
+    rep = report.to_dict()
+    fold = next((p for p in rep["passes"] if p["name"] == "fold"), {})
+    validation = rep.get("validation") or {}
+    return {
+        "seconds": seconds,
+        "rss_after_import": rss_import,
+        "pass_seconds": fold.get("seconds"),
+        "validation_seconds": validation.get("seconds"),
+        "validation_passed": validation.get("passed"),
+        "validation_failures": validation.get("failures"),
+        "validation_failed": validation_failed,
+        "stats": {k: v for k, v in (fold.get("stats") or {}).items() if k != "tensor_map"},
+    }
+
+
+def _work_fold_pass(model: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The ``fold`` pass alone: ``onnxcompress.load`` -> fold -> ``onnxcompress.save``, no validation."""
+    import onnxcompress as oc
+    from onnxcompress.passes.base import PassContext
+    from onnxcompress.recipes import build_passes
+
+    rss_import = _peak_rss_bytes(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    m = oc.load(model)
+    loaded = time.perf_counter()
+    (fold,) = build_passes(["fold"])
+    report = fold.run(m, PassContext())
+    folded = time.perf_counter()
+    oc.save(m, output, force=True)
+    end = time.perf_counter()
+    return {
+        "seconds": end - start,
+        "rss_after_import": rss_import,
+        "load_seconds": loaded - start,
+        "pass_seconds": folded - loaded,
+        "save_seconds": end - folded,
+        "stats": report.stats,
+    }
+
+
+def _work_onnxsim(model: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``onnx.load`` -> ``onnxsim.simplify`` (its defaults) -> ``onnx.save``."""
+    import onnx
+    import onnxsim
+
+    rss_import = _peak_rss_bytes(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    simplified, check = onnxsim.simplify(onnx.load(model))
+    _save_proto(simplified, output)
+    return {"seconds": time.perf_counter() - start, "rss_after_import": rss_import, "check": bool(check)}
+
+
+def _work_onnxslim(model: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``onnxslim.slim(model, output_model=out)`` (its defaults: it loads and saves itself)."""
+    import onnxslim
+
+    rss_import = _peak_rss_bytes(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    onnxslim.slim(model, output_model=output, save_as_external_data=_total_size(Path(model)) > EXTERNAL_DATA_BYTES)
+    return {"seconds": time.perf_counter() - start, "rss_after_import": rss_import}
+
+
+def _work_onnxoptimizer(model: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``onnx.load`` -> ``onnxoptimizer.optimize(m, get_fuse_and_elimination_passes())`` -> ``onnx.save``."""
+    import onnx
+    import onnxoptimizer
+
+    rss_import = _peak_rss_bytes(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    passes = onnxoptimizer.get_fuse_and_elimination_passes()
+    optimized = onnxoptimizer.optimize(onnx.load(model), passes)
+    _save_proto(optimized, output)
+    return {"seconds": time.perf_counter() - start, "rss_after_import": rss_import, "passes": list(passes)}
+
+
 WORKERS: dict[str, Callable[[str, str, dict[str, Any]], dict[str, Any]]] = {
     "onnxcompress": _work_onnxcompress,
     "ort-dynamic": _work_ort_dynamic,
     "ort-nbits": _work_ort_nbits,
     "big-build": _work_big_build,
     "big-roundtrip": _work_big_roundtrip,
+    "fold-compress": _work_fold_compress,
+    "fold-pass": _work_fold_pass,
+    "onnxsim": _work_onnxsim,
+    "onnxslim": _work_onnxslim,
+    "onnxoptimizer": _work_onnxoptimizer,
 }
 
 
@@ -817,6 +943,880 @@ def format_big(big: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- fold comparison
+#
+# ``--fold``: onnxcompress's lossless ``fold`` recipe side by side with the graph simplifiers onnxsim,
+# onnxslim and onnxoptimizer. Every tool runs in its own subprocess (anchors in ``--anchor-python``);
+# this process counts the nodes of each output (subgraphs included), measures its size and checks it
+# against the original in onnxruntime on the model's feeds.
+
+FOLD_TOLERANCES = ["max_abs<=1e-4"]  # what ``compress(..., ["fold"])`` validates against in its worker
+FOLD_ATOL = 1e-4  # the bench's own verdict on every tool: |diff| <= ATOL + RTOL * max|original output|
+FOLD_RTOL = 1e-5
+FOLD_ANCHOR_MODULES = ("onnxsim", "onnxslim", "onnxoptimizer")
+FOLD_REPEAT = 3  # runs of a tool whose first run is quicker than FOLD_REPEAT_BELOW_S (median reported)
+FOLD_REPEAT_BELOW_S = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldTool:
+    """One graph simplifier run in the fold comparison.
+
+    Attributes:
+        name: Row label.
+        kind: ``onnxcompress`` or ``anchor``.
+        worker: Key of its worker function in :data:`WORKERS`.
+        python: Interpreter that runs the worker.
+        module: The module the anchor needs in that interpreter (``None`` for onnxcompress).
+    """
+
+    name: str
+    kind: str
+    worker: str
+    python: str
+    module: str | None = None
+
+
+def fold_tools(anchor_python: str | None) -> list[FoldTool]:
+    """onnxcompress's fold (through ``compress``, and the pass alone), then the anchors."""
+    tools = [
+        FoldTool("oc-fold", "onnxcompress", "fold-compress", sys.executable),
+        FoldTool("oc-fold-pass", "onnxcompress", "fold-pass", sys.executable),
+    ]
+    if anchor_python is not None:
+        tools += [FoldTool(m, "anchor", m, anchor_python, m) for m in FOLD_ANCHOR_MODULES]
+    return tools
+
+
+@dataclasses.dataclass
+class GraphStats:
+    """Node count (every subgraph included), op histogram and on-disk size of a model file."""
+
+    nodes: int
+    ops: dict[str, int]
+    size_bytes: int
+    opset: int | None
+    ir_version: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class FoldCase:
+    """A model of the fold comparison with its feeds and reference outputs."""
+
+    name: str
+    path: Path
+    origin: str  # bench | onnx-light | synthetic | extra
+    stats: GraphStats | None = None
+    feeds: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
+    feeds_source: str = ""
+    reference: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON summary (no arrays)."""
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "origin": self.origin,
+            "stats": self.stats.to_dict() if self.stats else None,
+            "feeds_source": self.feeds_source,
+            "num_feeds": len(self.feeds),
+            "feed_shapes": {k: list(v.shape) for k, v in (self.feeds[0] if self.feeds else {}).items()},
+        }
+
+
+@dataclasses.dataclass
+class FoldFidelity:
+    """How a tool's output compares with the original on the model's feeds (worst over the outputs)."""
+
+    ok: bool
+    max_abs: float | None = None
+    max_rel: float | None = None
+    cosine_min: float | None = None
+    error: str | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+    outputs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class FoldRow:
+    """The result of one simplifier on one model."""
+
+    model: str
+    tool: str
+    kind: str
+    ran: bool = False
+    error: str | None = None
+    nodes_before: int | None = None
+    nodes_after: int | None = None
+    size_before: int | None = None
+    size_bytes: int | None = None
+    seconds: float | None = None
+    process_seconds: float | None = None
+    peak_rss_mb: float | None = None
+    fidelity: FoldFidelity | None = None
+    ops_delta: dict[str, int] | None = None
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def good(self) -> bool:
+        """Ran, wrote a model, and that model still computes the original's outputs."""
+        return self.ran and self.fidelity is not None and self.fidelity.ok
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        out = _finite(dataclasses.asdict(self))
+        out["good"] = self.good
+        return out
+
+
+def _graph_ops(graph: Any, ops: dict[str, int]) -> int:
+    """Count ``graph``'s nodes into ``ops`` (``domain::op`` keys), recursing into subgraph attributes."""
+    import onnx
+
+    n = 0
+    for node in graph.node:
+        key = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+        ops[key] = ops.get(key, 0) + 1
+        n += 1
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                n += _graph_ops(attr.g, ops)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                n += sum(_graph_ops(g, ops) for g in attr.graphs)
+    return n
+
+
+def _graph_tensors(graph: Any) -> Iterable[Any]:
+    """Every TensorProto of a graph: initializers and tensor attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g)
+            for g in attr.graphs:
+                yield from _graph_tensors(g)
+
+
+def graph_stats(path: Path) -> GraphStats:
+    """Nodes (recursive), op histogram, file size plus the external-data files it references."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    ops: dict[str, int] = {}
+    nodes = _graph_ops(proto.graph, ops)
+    files = {
+        entry.value
+        for t in _graph_tensors(proto.graph)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+    size = path.stat().st_size + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    return GraphStats(nodes, dict(sorted(ops.items())), size, opset, proto.ir_version)
+
+
+def probe_fold_anchors(python: str) -> dict[str, Any]:
+    """Versions of onnx, onnxruntime and the simplifiers in the anchor interpreter (or why not)."""
+    code = (
+        "import json, importlib\n"
+        "out = {}\n"
+        f"for name in ('onnx', 'onnxruntime') + {FOLD_ANCHOR_MODULES!r}:\n"
+        "    try:\n"
+        "        mod = importlib.import_module(name)\n"
+        "        out[name] = {'version': str(getattr(mod, '__version__', '?')), 'error': None}\n"
+        "    except Exception as e:\n"
+        "        out[name] = {'version': None, 'error': f'{type(e).__name__}: {e}'}\n"
+        "print(json.dumps(out))\n"
+    )
+    try:
+        proc = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300)
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        msg = f"cannot run {python}: {exc}"
+        info = {m: {"version": None, "error": msg} for m in ("onnx", "onnxruntime", *FOLD_ANCHOR_MODULES)}
+    info["python"] = python
+    return info
+
+
+def onnx_light_models() -> list[Path]:
+    """``onnx/backend/test/data/light/light_*.onnx`` of this interpreter's onnx package."""
+    spec = importlib.util.find_spec("onnx")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    return sorted(p for r in roots for p in (Path(r) / "backend" / "test" / "data" / "light").glob("light_*.onnx"))
+
+
+# ----- synthetic models, built by the bench in a temp folder
+
+
+def _model_proto(nodes: list[Any], inputs: list[Any], outputs: list[Any], inits: list[Any], **kw: Any) -> Any:
+    """``helper.make_model`` + ``check_model`` with the opset / IR version / producer in ``kw``."""
+    import onnx
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, kw.pop("graph_name", "main"), inputs, outputs, initializer=inits)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", kw.pop("opset"))],
+        ir_version=kw.pop("ir_version"),
+        producer_name=kw.pop("producer"),
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _constant(name: str, array: np.ndarray) -> Any:
+    """A ``Constant`` node producing ``name``."""
+    from onnx import helper, numpy_helper
+
+    return helper.make_node("Constant", [], [name], name=f"{name}__const", value=numpy_helper.from_array(array, name))
+
+
+def build_paddle_style(path: Path) -> None:
+    """Paddle2ONNX-like: opset 11, every weight a ``Constant`` node, Conv+BatchNormalization+Relu stacks,
+    ``Identity``/``Dropout`` leftovers, a ``scale`` op exported as Mul 1 / Add 0, and a classifier head."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(11)
+    f32 = np.float32
+    nodes = [helper.make_node("Identity", ["x"], ["feed_0.tmp"], name="feed_identity")]
+    cur, cin = "feed_0.tmp", 3
+    for i, (cout, stride) in enumerate([(16, 1), (16, 2), (32, 1), (32, 2)]):
+        p = f"conv2d_{i}"
+        nodes += [
+            _constant(f"{p}.w_0", (rng.standard_normal((cout, cin, 3, 3)) * np.sqrt(2.0 / (cin * 9))).astype(f32)),
+            _constant(f"{p}.b_0", (0.1 * rng.standard_normal(cout)).astype(f32)),
+            _constant(f"bn_{i}.w_0", rng.uniform(0.5, 1.5, cout).astype(f32)),
+            _constant(f"bn_{i}.b_0", (0.1 * rng.standard_normal(cout)).astype(f32)),
+            _constant(f"bn_{i}.w_1", (0.1 * rng.standard_normal(cout)).astype(f32)),
+            _constant(f"bn_{i}.w_2", rng.uniform(0.5, 2.0, cout).astype(f32)),
+            helper.make_node(
+                "Conv",
+                [cur, f"{p}.w_0", f"{p}.b_0"],
+                [f"{p}.tmp_1"],
+                name=f"{p}",
+                kernel_shape=[3, 3],
+                pads=[1, 1, 1, 1],
+                strides=[stride, stride],
+            ),
+            helper.make_node(
+                "BatchNormalization",
+                [f"{p}.tmp_1", f"bn_{i}.w_0", f"bn_{i}.b_0", f"bn_{i}.w_1", f"bn_{i}.w_2"],
+                [f"bn_{i}.tmp_3"],
+                name=f"bn_{i}",
+                epsilon=1e-5,
+                momentum=0.9,
+            ),
+            helper.make_node("Relu", [f"bn_{i}.tmp_3"], [f"relu_{i}.tmp_0"], name=f"relu_{i}"),
+        ]
+        leftover = ("Dropout", {"ratio": 0.5}) if i % 2 == 0 else ("Identity", {})
+        nodes.append(
+            helper.make_node(leftover[0], [f"relu_{i}.tmp_0"], [f"block_{i}.out"], name=f"leftover_{i}", **leftover[1])
+        )
+        cur, cin = f"block_{i}.out", cout
+    nodes += [
+        helper.make_node("GlobalAveragePool", [cur], ["pool.tmp_0"], name="pool"),
+        _constant("flatten.shape", np.array([0, -1], np.int64)),
+        helper.make_node("Reshape", ["pool.tmp_0", "flatten.shape"], ["flatten.tmp_0"], name="flatten"),
+        _constant("fc.w_0", (rng.standard_normal((cin, 10)) / np.sqrt(cin)).astype(f32)),
+        _constant("fc.b_0", (0.1 * rng.standard_normal(10)).astype(f32)),
+        helper.make_node("MatMul", ["flatten.tmp_0", "fc.w_0"], ["fc.tmp_0"], name="fc_matmul"),
+        helper.make_node("Add", ["fc.tmp_0", "fc.b_0"], ["fc.tmp_1"], name="fc_add"),
+        _constant("scale.scale", np.array([1.0], f32)),
+        _constant("scale.bias", np.array([0.0], f32)),
+        helper.make_node("Mul", ["fc.tmp_1", "scale.scale"], ["scale.tmp_0"], name="scale_mul"),
+        helper.make_node("Add", ["scale.tmp_0", "scale.bias"], ["scale.tmp_1"], name="scale_add"),
+        helper.make_node("Softmax", ["scale.tmp_1"], ["softmax.tmp_0"], name="softmax", axis=1),
+        helper.make_node("Identity", ["softmax.tmp_0"], ["save_infer_model/scale_0.tmp_0"], name="fetch_identity"),
+    ]
+    model = _model_proto(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("save_infer_model/scale_0.tmp_0", TensorProto.FLOAT, ["N", 10])],
+        [],
+        opset=11,
+        ir_version=6,
+        producer="PaddlePaddle",
+        graph_name="paddle-infer",
+    )
+    onnx.save(model, str(path))
+
+
+def build_tf2onnx_style(path: Path) -> None:
+    """tf2onnx-like: NHWC input, Transpose to NCHW around each Conv and back, a
+    Shape->Gather->Unsqueeze->Concat->Reshape on static dims (dynamic batch), Reshape chains, a dense head."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(13)
+    f32 = np.float32
+    weights = {
+        "sequential/conv2d/Conv2D/ReadVariableOp:0": (rng.standard_normal((8, 3, 3, 3)) * 0.27).astype(f32),
+        "sequential/conv2d/BiasAdd/ReadVariableOp:0": (0.1 * rng.standard_normal(8)).astype(f32),
+        "sequential/conv2d_1/Conv2D/ReadVariableOp:0": (rng.standard_normal((16, 8, 3, 3)) * 0.17).astype(f32),
+        "sequential/conv2d_1/BiasAdd/ReadVariableOp:0": (0.1 * rng.standard_normal(16)).astype(f32),
+        "sequential/dense/MatMul/ReadVariableOp:0": (rng.standard_normal((1024, 10)) / 32).astype(f32),
+        "sequential/dense/BiasAdd/ReadVariableOp:0": (0.1 * rng.standard_normal(10)).astype(f32),
+        "const_axes__12": np.array([0], np.int64),
+        "const_fold_opt__20": np.array([-1], np.int64),
+        "const_starts__1": np.array(1, np.int64),
+        "const_starts__2": np.array(2, np.int64),
+        "const_starts__3": np.array(3, np.int64),
+        "new_shape__30": np.array([-1, 64, 16], np.int64),
+        "new_shape__31": np.array([-1, 1024], np.int64),
+    }
+    inits = [numpy_helper.from_array(v, k) for k, v in weights.items()]
+    nodes = []
+    cur = "input_1"
+    for i, (layer, stride) in enumerate([("conv2d", 1), ("conv2d_1", 2)]):
+        pre = f"sequential/{layer}"
+        nodes += [
+            helper.make_node(
+                "Transpose", [cur], [f"{pre}/Conv2D__{i}:0"], name=f"{pre}/Conv2D__{i}", perm=[0, 3, 1, 2]
+            ),
+            helper.make_node(
+                "Conv",
+                [f"{pre}/Conv2D__{i}:0", f"{pre}/Conv2D/ReadVariableOp:0", f"{pre}/BiasAdd/ReadVariableOp:0"],
+                [f"{pre}/BiasAdd:0"],
+                name=f"{pre}/BiasAdd",
+                kernel_shape=[3, 3],
+                pads=[1, 1, 1, 1],
+                strides=[stride, stride],
+            ),
+            helper.make_node("Relu", [f"{pre}/BiasAdd:0"], [f"{pre}/Relu:0"], name=f"{pre}/Relu"),
+            helper.make_node(
+                "Transpose", [f"{pre}/Relu:0"], [f"{pre}/Relu__{i}:0"], name=f"{pre}/Relu__{i}", perm=[0, 2, 3, 1]
+            ),
+        ]
+        cur = f"{pre}/Relu__{i}:0"
+    shape = "sequential/reshape/Shape:0"
+    nodes.append(helper.make_node("Shape", [cur], [shape], name="sequential/reshape/Shape"))
+    dims = []
+    for k in (1, 2, 3):
+        g, u = f"sequential/reshape/strided_slice_{k}:0", f"sequential/reshape/Unsqueeze_{k}:0"
+        nodes += [
+            helper.make_node("Gather", [shape, f"const_starts__{k}"], [g], name=g[:-2], axis=0),
+            helper.make_node("Unsqueeze", [g, "const_axes__12"], [u], name=u[:-2]),
+        ]
+        dims.append(u)
+    nodes += [
+        helper.make_node(
+            "Concat",
+            ["const_fold_opt__20", *dims],
+            ["sequential/reshape/shape:0"],
+            name="sequential/reshape/shape",
+            axis=0,
+        ),
+        helper.make_node(
+            "Reshape", [cur, "sequential/reshape/shape:0"], ["sequential/reshape/Reshape:0"], name="sequential/reshape"
+        ),
+        helper.make_node(
+            "Reshape", ["sequential/reshape/Reshape:0", "new_shape__30"], ["sequential/reshape_1/Reshape:0"], name="r1"
+        ),
+        helper.make_node(
+            "Reshape", ["sequential/reshape_1/Reshape:0", "new_shape__31"], ["sequential/flatten/Reshape:0"], name="r2"
+        ),
+        helper.make_node(
+            "MatMul",
+            ["sequential/flatten/Reshape:0", "sequential/dense/MatMul/ReadVariableOp:0"],
+            ["sequential/dense/MatMul:0"],
+            name="sequential/dense/MatMul",
+        ),
+        helper.make_node(
+            "Add",
+            ["sequential/dense/MatMul:0", "sequential/dense/BiasAdd/ReadVariableOp:0"],
+            ["sequential/dense/BiasAdd:0"],
+            name="sequential/dense/BiasAdd",
+        ),
+        helper.make_node(
+            "Softmax", ["sequential/dense/BiasAdd:0"], ["dense"], name="sequential/dense/Softmax", axis=-1
+        ),
+    ]
+    model = _model_proto(
+        nodes,
+        [helper.make_tensor_value_info("input_1", TensorProto.FLOAT, ["unk__6", 16, 16, 3])],
+        [helper.make_tensor_value_info("dense", TensorProto.FLOAT, ["unk__7", 10])],
+        inits,
+        opset=13,
+        ir_version=7,
+        producer="tf2onnx",
+        graph_name="tf2onnx",
+    )
+    onnx.save(model, str(path))
+
+
+def build_if_branches(path: Path) -> None:
+    """An ``If`` on a data-dependent condition whose branches hold MatMul weights (a subgraph
+    initializer behind a foldable Transpose, a ``Constant`` node) and ``Identity`` nodes."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(17)
+    f32 = np.float32
+    w1t = (rng.standard_normal((16, 16)) / 4).astype(f32)
+    then_branch = helper.make_graph(
+        [
+            helper.make_node("Identity", ["x"], ["then/x"], name="then/identity_in"),
+            helper.make_node("Transpose", ["then/w1t"], ["then/w1"], name="then/transpose_w", perm=[1, 0]),
+            helper.make_node("MatMul", ["then/x", "then/w1"], ["then/mm"], name="then/matmul"),
+            helper.make_node("Identity", ["then/mm"], ["then/mm_id"], name="then/identity_mid"),
+            _constant("then/b1", (0.1 * rng.standard_normal(16)).astype(f32)),
+            helper.make_node("Add", ["then/mm_id", "then/b1"], ["then_out"], name="then/add"),
+        ],
+        "then_branch",
+        [],
+        [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, ["N", 16])],
+        initializer=[numpy_helper.from_array(w1t, "then/w1t")],
+    )
+    else_branch = helper.make_graph(
+        [
+            _constant("else/w2", (rng.standard_normal((16, 16)) / 4).astype(f32)),
+            helper.make_node("MatMul", ["x", "else/w2"], ["else/mm"], name="else/matmul"),
+            helper.make_node("Identity", ["else/mm"], ["else/mm_id"], name="else/identity_mid"),
+            helper.make_node("Relu", ["else/mm_id"], ["else/relu"], name="else/relu"),
+            helper.make_node("Identity", ["else/relu"], ["else_out"], name="else/identity_out"),
+        ],
+        "else_branch",
+        [],
+        [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, ["N", 16])],
+    )
+    nodes = [
+        helper.make_node("ReduceSum", ["x"], ["sum"], name="reduce", keepdims=0),
+        helper.make_node("Greater", ["sum", "zero"], ["cond"], name="greater"),
+        helper.make_node("If", ["cond"], ["branch_out"], name="if", then_branch=then_branch, else_branch=else_branch),
+        helper.make_node("Identity", ["branch_out"], ["branch_out_id"], name="identity_after_if"),
+        helper.make_node("MatMul", ["branch_out_id", "w3"], ["y"], name="head"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(0.0, f32), "zero"),
+        numpy_helper.from_array((rng.standard_normal((16, 4)) / 4).astype(f32), "w3"),
+    ]
+    model = _model_proto(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        inits,
+        opset=13,
+        ir_version=7,
+        producer="bench",
+        graph_name="if_branches",
+    )
+    onnx.save(model, str(path))
+
+
+SYNTHETIC_MODELS: dict[str, Callable[[Path], None]] = {
+    "synthetic_paddle": build_paddle_style,
+    "synthetic_tf2onnx": build_tf2onnx_style,
+    "synthetic_if_branches": build_if_branches,
+}
+
+
+def fold_model_list(args: argparse.Namespace, builddir: Path, notes: list[str]) -> list[tuple[Path, str]]:
+    """(path, origin) of every model of the fold comparison; the synthetic ones are built in ``builddir``."""
+    defaults = discover_models([], True) if not args.no_default_models else []
+    models = [(p, "bench") for p in defaults]
+    known = {p.resolve() for p in defaults}
+    models += [(p, "extra") for p in discover_models(args.model, False) if p.resolve() not in known]
+    if not args.no_default_models and args.fold:
+        light = onnx_light_models()
+        if not light:
+            notes.append("fold: no onnx/backend/test/data/light/light_*.onnx in this onnx package")
+        models += [(p, "onnx-light") for p in light]
+    if not args.no_default_models:
+        for name, build in SYNTHETIC_MODELS.items():
+            path = builddir / f"{name}.onnx"
+            try:
+                build(path)
+                models.append((path, "synthetic"))
+            except Exception as exc:  # a builder bug must not stop the benchmark
+                notes.append(f"fold: cannot build {name}: {type(exc).__name__}: {_first_line(str(exc))}")
+    if args.filter:
+        models = [(p, o) for p, o in models if any(f in p.stem for f in args.filter)]
+    return models
+
+
+# ----- measuring
+
+
+def prepare_fold_case(path: Path, origin: str) -> FoldCase:
+    """Graph stats, feeds (sidecar ``<stem>.inputs.npz``, else ``generate_feeds`` from the input
+    signature, exactly as ``compress`` picks them) and the original's outputs in onnxruntime."""
+    import onnxcompress as oc
+    from onnxcompress.api import resolve_feeds
+    from onnxcompress.validate import make_session, run_session
+
+    case = FoldCase(name=path.stem, path=path, origin=origin)
+    case.stats = graph_stats(path)
+    model = oc.load(path)
+    case.feeds, case.feeds_source, _ = resolve_feeds(model, path, oc.FeedOptions())
+    del model
+    case.reference = run_session(make_session(path), case.feeds, "original")
+    return case
+
+
+def _output_ok(diff: Any, ref: list[np.ndarray]) -> tuple[bool, float]:
+    """Whether one output agrees within ``FOLD_ATOL + FOLD_RTOL * max|ref|`` (exactly, for non-floats)."""
+    import numpy as np
+
+    if not diff.passed:  # shape or dtype changed
+        return False, 0.0
+    if ref[0].dtype.kind != "f":
+        return diff.equal_fraction in (None, 1.0) and (diff.max_abs or 0.0) == 0.0, 0.0
+    finite = [np.abs(r[np.isfinite(r)]) for r in ref]
+    scale = max((float(f.max()) for f in finite if f.size), default=0.0)
+    bound = FOLD_ATOL + FOLD_RTOL * scale
+    return (diff.nonfinite_mismatch == 0 and (diff.max_abs or 0.0) <= bound), bound
+
+
+def fold_fidelity(case: FoldCase, candidate: Path) -> FoldFidelity:
+    """Run ``candidate`` on the case's feeds in onnxruntime and compare with the original's outputs."""
+    from onnxcompress.validate import make_session, output_diff, run_session
+
+    try:
+        session = make_session(candidate)
+        names = [i.name for i in session.get_inputs()]
+        notes = []
+        dropped = [k for k in case.feeds[0] if k not in names] if case.feeds else []
+        missing = [n for n in names if case.feeds and n not in case.feeds[0]]
+        if missing:
+            return FoldFidelity(False, error=f"the output needs inputs the original does not have: {missing}")
+        if dropped:
+            notes.append(f"inputs removed: {dropped}")
+        feeds = [{k: v for k, v in f.items() if k in names} for f in case.feeds]
+        outs = [o.name for o in session.get_outputs()]
+        if sorted(outs) != sorted(case.reference):
+            return FoldFidelity(False, error=f"outputs changed: original {list(case.reference)}, candidate {outs}")
+        if outs != list(case.reference):
+            notes.append("outputs reordered")
+        cand = run_session(session, feeds, "candidate")
+    except Exception as exc:  # the tool broke the model: record onnxruntime's complaint
+        return FoldFidelity(False, error=f"{type(exc).__name__}: {_first_line(str(exc))}")
+    fid = FoldFidelity(True, max_abs=0.0, max_rel=0.0, cosine_min=1.0, notes=notes)
+    for name, ref in case.reference.items():
+        diff = output_diff(name, ref, cand[name])
+        ok, bound = _output_ok(diff, ref)
+        fid.ok &= ok
+        fid.outputs[name] = {
+            "ok": ok,
+            "bound": bound,
+            "failures": diff.failures,
+            **{k: getattr(diff, k) for k in ("max_abs", "max_rel", "cosine", "equal_fraction", "nonfinite_mismatch")},
+        }
+        fid.max_abs = max(fid.max_abs or 0.0, diff.max_abs or 0.0)
+        fid.max_rel = max(fid.max_rel or 0.0, diff.max_rel or 0.0)
+        if diff.cosine is not None:
+            fid.cosine_min = min(fid.cosine_min if fid.cosine_min is not None else 1.0, diff.cosine)
+        if diff.failures or diff.nonfinite_mismatch:
+            fid.notes.append(f"{name}: {'; '.join(diff.failures) or f'{diff.nonfinite_mismatch} NaN/Inf mismatches'}")
+    return fid
+
+
+def _ops_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Per op: count after - count before, non-zero only."""
+    keys = sorted(set(before) | set(after))
+    return {k: after.get(k, 0) - before.get(k, 0) for k in keys if after.get(k, 0) != before.get(k, 0)}
+
+
+def run_fold_worker(tool: FoldTool, model: Path, output: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the tool's worker; a run under ``FOLD_REPEAT_BELOW_S`` is repeated (``--fold-repeat`` runs in
+    all) and ``seconds`` is the median, so sub-second comparisons are not one noisy sample. The RSS
+    and the other figures are the first run's."""
+    params = {"tolerances": FOLD_TOLERANCES}
+    res = run_worker(tool.python, tool.worker, model, output, params, args.tool_timeout)
+    samples = [res["seconds"]] if res.get("ok") and res.get("seconds") is not None else []
+    while samples and samples[0] < FOLD_REPEAT_BELOW_S and len(samples) < args.fold_repeat:
+        again = run_worker(tool.python, tool.worker, model, output, params, args.tool_timeout)
+        if not again.get("ok") or again.get("seconds") is None:
+            break
+        samples.append(again["seconds"])
+    if len(samples) > 1:
+        res["seconds"] = statistics.median(samples)
+        res["seconds_samples"] = samples
+    return res
+
+
+def bench_fold_tool(case: FoldCase, tool: FoldTool, workdir: Path, args: argparse.Namespace) -> FoldRow:
+    """Run one simplifier on one model in a subprocess; count, size and check its output here."""
+    assert case.stats is not None
+    row = FoldRow(
+        model=case.name,
+        tool=tool.name,
+        kind=tool.kind,
+        nodes_before=case.stats.nodes,
+        size_before=case.stats.size_bytes,
+    )
+    outdir = workdir / f"{case.name}--{tool.name}"
+    outdir.mkdir(parents=True, exist_ok=True)
+    output = outdir / f"{case.name}.onnx"
+    res = run_fold_worker(tool, case.path, output, args)
+    row.seconds = res.get("seconds")
+    row.process_seconds = res.get("process_seconds")
+    row.peak_rss_mb = res["peak_rss"] / 2**20 if "peak_rss" in res else None
+    skip = {"ok", "error", "seconds", "process_seconds", "peak_rss", "peak_rss_children", "rss_after_import"}
+    row.details = {k: v for k, v in res.items() if k not in skip}
+    if "rss_after_import" in res:
+        row.details["rss_after_import_mb"] = res["rss_after_import"] / 2**20
+    try:
+        if not res.get("ok"):
+            row.error = res.get("error", "unknown failure")
+            return row
+        if not output.exists():
+            row.error = "the tool wrote no output file"
+            return row
+        row.ran = True
+        stats = graph_stats(output)
+        row.nodes_after, row.size_bytes = stats.nodes, stats.size_bytes
+        row.ops_delta = _ops_delta(case.stats.ops, stats.ops)
+        row.fidelity = fold_fidelity(case, output)
+    except Exception as exc:  # an unreadable output is the tool's failure, not the bench's
+        row.error = f"{type(exc).__name__}: {_first_line(str(exc))}"
+        row.fidelity = FoldFidelity(False, error=row.error)
+    finally:
+        if args.keep_outputs is None:
+            shutil.rmtree(outdir, ignore_errors=True)
+    return row
+
+
+def run_fold(args: argparse.Namespace, anchor_env: dict[str, Any] | None, notes: list[str]) -> dict[str, Any]:
+    """The fold comparison over all its models; returns the JSON section (cases, rows, verdicts)."""
+    tools = fold_tools(None if anchor_env is None else anchor_env["python"])
+    if anchor_env is not None:
+        for t in [t for t in tools if t.module and anchor_env.get(t.module, {}).get("error")]:
+            notes.append(f"fold: skipped {t.name}: {anchor_env[t.module]['error']} in {anchor_env['python']}")
+            tools.remove(t)
+    if args.fold_tool:
+        tools = [t for t in tools if t.name in args.fold_tool]
+    if not args.fold and not args.no_default_models:
+        notes.append("fold comparison without onnx's light_*.onnx models (they add ~3 minutes): run --fold for them")
+    cases: list[FoldCase] = []
+    case_dicts: list[dict[str, Any]] = []
+    rows: list[FoldRow] = []
+    with tempfile.TemporaryDirectory(prefix="bench-fold-") as tmp:
+        builddir = Path(tmp) / "models"
+        builddir.mkdir()
+        workdir = (args.keep_outputs / "fold") if args.keep_outputs is not None else Path(tmp) / "out"
+        for path, origin in fold_model_list(args, builddir, notes):
+            try:
+                case = prepare_fold_case(path, origin)
+            except Exception as exc:  # an original onnxruntime cannot run: report, go on
+                notes.append(f"fold: cannot prepare {path.stem}: {type(exc).__name__}: {_first_line(str(exc))}")
+                continue
+            cases.append(case)
+            for tool in tools:
+                print(f"  fold {case.name}: {tool.name} ...", end="", flush=True, file=sys.stderr)
+                t0 = time.perf_counter()
+                row = bench_fold_tool(case, tool, workdir, args)
+                status = ("ok" if row.good else "BROKEN OUTPUT") if row.ran else f"error: {row.error}"
+                print(f" {status} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+                rows.append(row)
+            if args.keep_outputs is not None and origin == "synthetic":
+                shutil.copy2(path, workdir / path.name)
+            case_dicts.append(case.to_dict())
+            case.feeds, case.reference = [], {}  # free the arrays
+    return {
+        "tools": [dataclasses.asdict(t) for t in tools],
+        "tolerance": {"atol": FOLD_ATOL, "rtol": FOLD_RTOL, "compress_tolerances": FOLD_TOLERANCES},
+        "repeat": args.fold_repeat,
+        "repeat_below_seconds": FOLD_REPEAT_BELOW_S,
+        "models": case_dicts,
+        "rows": [r.to_dict() for r in rows],
+        "verdicts": fold_verdicts(cases, rows),
+        "_rows": rows,  # dropped before writing the JSON
+    }
+
+
+@dataclasses.dataclass
+class FoldVerdict:
+    """The two acceptance checks on one model: fold's node count and its wall time against the anchors."""
+
+    model: str
+    nodes_ok: bool | None
+    nodes_fold: int | None
+    nodes_min_anchor: int | None
+    min_anchor: str | None
+    size_fold: int | None
+    size_min_anchor: int | None
+    time_ok: bool | None
+    fold_pass_seconds: float | None
+    fold_compress_seconds: float | None
+    onnxslim_seconds: float | None
+    note: str = ""
+
+
+def fold_verdicts(cases: list[FoldCase], rows: list[FoldRow]) -> list[dict[str, Any]]:
+    """Per model: fold nodes <= the fewest nodes of an anchor whose output is correct; fold pass time
+    (load + fold + save, no validation) <= onnxslim's (load + slim + save)."""
+    out = []
+    for case in cases:
+        by = {r.tool: r for r in rows if r.model == case.name}
+        fold, alone, slim = by.get("oc-fold"), by.get("oc-fold-pass"), by.get("onnxslim")
+        good = [r for r in by.values() if r.kind == "anchor" and r.good and r.nodes_after is not None]
+        best = min(good, key=lambda r: r.nodes_after or 0, default=None)
+        bad = [r.tool for r in by.values() if r.kind == "anchor" and not r.good]
+        v = FoldVerdict(
+            model=case.name,
+            nodes_ok=None,
+            nodes_fold=fold.nodes_after if fold else None,
+            nodes_min_anchor=best.nodes_after if best else None,
+            min_anchor=best.tool if best else None,
+            size_fold=fold.size_bytes if fold else None,
+            size_min_anchor=best.size_bytes if best else None,
+            time_ok=None,
+            fold_pass_seconds=alone.seconds if alone and alone.ran else None,
+            fold_compress_seconds=fold.seconds if fold and fold.ran else None,
+            onnxslim_seconds=slim.seconds if slim and slim.ran else None,
+            note=f"anchors excluded (failed or broke the model): {', '.join(bad)}" if bad else "",
+        )
+        if fold is not None and not fold.good:
+            v.nodes_ok = False
+            v.note = "onnxcompress fold failed or broke the model" + (f"; {v.note}" if v.note else "")
+        elif fold is not None and best is not None:
+            v.nodes_ok = (fold.nodes_after or 0) <= (best.nodes_after or 0)
+        if v.fold_pass_seconds is not None and v.onnxslim_seconds is not None:
+            v.time_ok = v.fold_pass_seconds <= v.onnxslim_seconds
+        out.append(dataclasses.asdict(v))
+    return out
+
+
+# ----- output
+
+
+NOTE_WIDTH = 140
+FOLD_COLUMNS = ("tool", "nodes before->after", "size", "seconds", "RSS MB", "fidelity", "max_abs", "cos min", "note")
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def _short_paths(text: str) -> str:
+    """``/tmp/x/y/model.onnx`` -> ``model.onnx`` (table cells only; the JSON keeps the full message)."""
+    return re.sub(r"(?:/[^/\s:]+)+/([^/\s:]+)", r"\1", text)
+
+
+def fold_row_cells(row: FoldRow) -> list[str]:
+    """The cells of one fold row."""
+    fid = row.fidelity
+    seconds = _fmt(row.seconds, ".2f")
+    if row.tool == "oc-fold" and row.details.get("pass_seconds") is not None:
+        seconds += f" (pass {row.details['pass_seconds']:.2f})"
+    if not row.ran:
+        error = _short_paths(row.error or "")[:NOTE_WIDTH]
+        return [
+            row.tool,
+            f"{row.nodes_before} -> -",
+            "-",
+            seconds,
+            _fmt(row.peak_rss_mb, ".0f"),
+            "CRASH",
+            "-",
+            "-",
+            error,
+        ]
+    note = ""
+    if fid is not None and fid.error:
+        note = fid.error
+    elif fid is not None and fid.notes:
+        note = "; ".join(fid.notes)
+    if row.details.get("validation_passed") is False:
+        note = (note + "; " if note else "") + "own validation failed"
+    cos = fid.cosine_min if fid else None
+    return [
+        row.tool,
+        f"{row.nodes_before} -> {row.nodes_after}",
+        _fmt_bytes(row.size_bytes),
+        seconds,
+        _fmt(row.peak_rss_mb, ".0f"),
+        ("ok" if fid.ok else "BROKEN") if fid else "-",
+        _fmt(fid.max_abs, ".2g") if fid else "-",
+        ("1.000000" if cos is not None and cos >= 0.9999995 else _fmt(cos, ".6f")) if fid else "-",
+        _short_paths(note)[:NOTE_WIDTH],
+    ]
+
+
+def _plain_grid(headers: Iterable[str], cells: list[list[str]], left: int = 1) -> str:
+    """Aligned text: the first ``left`` columns and the last one left-aligned, the others right-aligned."""
+    headers = list(headers)
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    last = len(headers) - 1
+
+    def line(vals: list[str]) -> str:
+        return "  ".join(
+            v.ljust(w) if i < left or i == last else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths))
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(c) for c in cells)])
+
+
+def format_fold(section: dict[str, Any]) -> str:
+    """One table per model, then the summary lines."""
+    rows: list[FoldRow] = section["_rows"]
+    blocks = []
+    for m in section["models"]:
+        s = m["stats"] or {}
+        title = (
+            f"== {m['name']} ({m['origin']}; opset {s.get('opset')}, {s.get('nodes')} nodes, "
+            f"{_fmt_bytes(s.get('size_bytes'))}; feeds: {m['feeds_source'] if m['feeds_source'] == 'generated' else 'sidecar'}"
+            f" x{m['num_feeds']})"
+        )
+        cells = [fold_row_cells(r) for r in rows if r.model == m["name"]]
+        blocks.append(title + "\n" + _plain_grid(FOLD_COLUMNS, cells))
+    blocks.append(
+        f"seconds: the tool's own call in a fresh subprocess (load + transform + save; oc-fold is compress(), its "
+        f"validation included, pass alone in brackets; oc-fold-pass is load + fold + save), imports excluded;\n"
+        f"median of up to {section['repeat']} runs when the first takes under {FOLD_REPEAT_BELOW_S:g} s.\n"
+        f"RSS MB: the worker's VmHWM. fidelity: onnxruntime on the model's feeds, every output within "
+        f"{FOLD_ATOL:g} + {FOLD_RTOL:g} x max|original| (non-float outputs exactly); nodes include subgraphs."
+    )
+    verdicts = section["verdicts"]
+
+    def yn(v: bool | None) -> str:
+        return "n/a" if v is None else ("yes" if v else "NO")
+
+    lines = ["onnxcompress fold nodes <= min(anchors):"]
+    for v in verdicts:
+        fold = f"fold {_fmt(v['nodes_fold'], 'd')} ({_fmt_bytes(v['size_fold'])})"
+        best = (
+            f"min {v['nodes_min_anchor']} by {v['min_anchor']} ({_fmt_bytes(v['size_min_anchor'])})"
+            if v["min_anchor"]
+            else "no anchor with a correct output"
+        )
+        detail = f"{fold}, {best}"
+        lines.append(f"  {v['model']}: {yn(v['nodes_ok'])}  [{detail}]" + (f"  {v['note']}" if v["note"] else ""))
+    lines.append("fold time <= onnxslim time (fold pass: load + fold + save, no validation):")
+    for v in verdicts:
+        lines.append(
+            f"  {v['model']}: {yn(v['time_ok'])}  [fold pass {_fmt(v['fold_pass_seconds'], '.2f')} s, "
+            f"compress {_fmt(v['fold_compress_seconds'], '.2f')} s, onnxslim {_fmt(v['onnxslim_seconds'], '.2f')} s]"
+        )
+    node_vals = [v["nodes_ok"] for v in verdicts]
+    time_vals = [v["time_ok"] for v in verdicts]
+    lines.append(
+        f"all models: fold nodes <= min(anchors): {yn(all(node_vals) if None not in node_vals and node_vals else None)}"
+        f" ({sum(1 for x in node_vals if x)}/{len(node_vals)}); fold time <= onnxslim time: "
+        f"{yn(all(time_vals) if None not in time_vals and time_vals else None)} "
+        f"({sum(1 for x in time_vals if x)}/{len(time_vals)})"
+    )
+    blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -936,13 +1936,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample-ms", type=float, default=None, help="Target length of one latency sample (default 10).")
     p.add_argument("--batch", type=int, default=8, help="Samples per latency call, cut from the first feed (0: all).")
     p.add_argument("--quick", action="store_true", help=f"Smoke check: {QUICK_RUNS} runs, short samples.")
-    p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="Where to write the JSON results.")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help=f"Where to write the JSON results (default {DEFAULT_JSON.relative_to(REPO)}).",
+    )
     p.add_argument("--plain", action="store_true", help="Plain-text table even when rich is installed.")
     p.add_argument("--keep-outputs", type=Path, default=None, help="Keep the compressed models in this folder.")
     p.add_argument("--tool-timeout", type=float, default=DEFAULT_TOOL_TIMEOUT, help="Seconds per tool run.")
     p.add_argument("--big", action="store_true", help="Also measure the >2 GB round trip of scripts/big_model.py.")
     p.add_argument("--big-bytes", type=float, default=2.3e9, help="Size of the --big model (default 2.3e9).")
     p.add_argument("--big-dir", default=None, help="Where to build the --big model (default: the temp folder).")
+    p.add_argument(
+        "--fold",
+        action="store_true",
+        help="Only the fold comparison: onnxcompress fold vs onnxsim, onnxslim, onnxoptimizer on the bench\n"
+        "models, onnx's light_*.onnx and three synthetic exporter-style models (default JSON: "
+        f"{DEFAULT_FOLD_JSON.relative_to(REPO)}).",
+    )
+    p.add_argument("--no-fold", action="store_true", help="Skip the fold comparison in the full run.")
+    p.add_argument(
+        "--fold-tool",
+        action="append",
+        help="Fold comparison tool to run (repeatable): oc-fold, oc-fold-pass, " + ", ".join(FOLD_ANCHOR_MODULES) + ".",
+    )
+    p.add_argument(
+        "--fold-repeat",
+        type=int,
+        default=None,
+        help=f"Runs of each fold tool quicker than {FOLD_REPEAT_BELOW_S:g} s; its time is their median\n"
+        f"(default {FOLD_REPEAT} with --fold, 1 in the full run).",
+    )
+    p.add_argument("--filter", action="append", help="Only models whose file stem contains this text (repeatable).")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.runs = args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)
@@ -950,21 +1976,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sample_ms = args.sample_ms or (2.0 if args.quick else 10.0)
     if args.runs < 1:
         p.error("--runs must be >= 1")
+    args.fold_repeat = args.fold_repeat or (FOLD_REPEAT if args.fold else 1)
+    if args.fold_repeat < 1:
+        p.error("--fold-repeat must be >= 1")
+    if args.fold and args.no_fold:
+        p.error("--fold and --no-fold contradict each other")
+    args.json = args.json or (DEFAULT_FOLD_JSON if args.fold else DEFAULT_JSON)
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; return the exit code."""
-    args = parse_args(argv)
-    if args.worker:
-        return worker_main(args.worker)
-    started = time.perf_counter()
-    notes: list[str] = []
-    env = environment_info()
-    anchor_env = None if args.no_anchors else probe_anchor_python(args.anchor_python)
-    print(format_header(env, anchor_env, args), flush=True)
+def run_quantization(
+    args: argparse.Namespace, anchor_env: dict[str, Any] | None, notes: list[str]
+) -> tuple[list[ModelCase], list[Row]]:
+    """The techniques and the onnxruntime.quantization anchors on every model; prints the table."""
     tools = select_tools(args, anchor_env, notes)
     models = discover_models(args.model, not args.no_default_models)
+    if args.filter:
+        models = [p for p in models if any(f in p.stem for f in args.filter)]
     if not models:
         notes.append("no models found: put .onnx files in models/ or pass --model")
     rows: list[Row] = []
@@ -976,7 +2004,6 @@ def main(argv: list[str] | None = None) -> int:
             case, model_rows = bench_model(path, tools, workdir, args)
             cases += [case] if case else []
             rows += model_rows
-    big = run_big(args, notes) if args.big else None
     print()
     print_table(rows, args.plain)
     print(
@@ -988,25 +2015,55 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if not r.ok:
             print(f"error: {r.model} / {r.tool}: {r.error}")
+    return cases, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; return the exit code."""
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    started = time.perf_counter()
+    notes: list[str] = []
+    env = environment_info()
+    quantization = not args.fold
+    with_fold = args.fold or not (args.no_fold or args.quick)
+    anchor_env = None if args.no_anchors or not quantization else probe_anchor_python(args.anchor_python)
+    fold_env = None if args.no_anchors or not with_fold else probe_fold_anchors(args.anchor_python)
+    print(format_header(env, anchor_env, args, quantization), flush=True)
+    if fold_env is not None:
+        versions = ", ".join(f"{m} {fold_env.get(m, {}).get('version') or 'missing'}" for m in FOLD_ANCHOR_MODULES)
+        print(f"fold anchors run in {fold_env['python']}: {versions}", flush=True)
+    cases, rows = run_quantization(args, anchor_env, notes) if quantization else ([], [])
+    big = run_big(args, notes) if args.big else None
     if big:
         print(format_big(big))
+    fold = run_fold(args, fold_env, notes) if with_fold else None
+    if fold is not None:
+        print()
+        print(format_fold(fold))
     for note in notes:
         print(f"note: {note}")
     seconds = time.perf_counter() - started
+    fold_rows: list[FoldRow] = fold.pop("_rows") if fold is not None else []
+    if fold is not None:
+        fold["anchor_env"] = fold_env
     payload = {
-        "schema": 1,
+        "schema": 2,
         "env": env,
         "anchor_env": anchor_env,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"},
         "models": [c.to_dict() for c in cases],
         "rows": [r.to_dict() for r in rows],
         "big": big,
+        "fold": fold,
         "notes": notes,
         "seconds": seconds,
     }
     write_json(args.json, payload)
     print(f"wrote {args.json} in {seconds:.1f} s")
-    return 0 if all(r.ok for r in rows) else 1
+    fold_ok = all(r.good for r in fold_rows if r.kind == "onnxcompress")
+    return 0 if all(r.ok for r in rows) and fold_ok else 1
 
 
 if __name__ == "__main__":
