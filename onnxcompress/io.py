@@ -25,7 +25,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +179,21 @@ def _check_graph_refs(graph: onnx.GraphProto, outer: set[str], where: str = "mai
         raise OnnxCompressError("model refused: a name in the model is not valid UTF-8 (corrupted file?)") from None
 
 
+def _uses_default_domain(model: onnx.ModelProto) -> bool:
+    """Whether any node (subgraphs and functions included) is an op of the default ONNX domain."""
+
+    def walk(nodes: Iterable[onnx.NodeProto]) -> bool:
+        for node in nodes:
+            if node.domain in ("", "ai.onnx"):
+                return True
+            for attr in node.attribute:
+                if (attr.HasField("g") and walk(attr.g.node)) or any(walk(g.node) for g in attr.graphs):
+                    return True
+        return False
+
+    return walk(model.graph.node) or any(walk(f.node) for f in model.functions)
+
+
 def _count_nodes(graph: onnx.GraphProto) -> int:
     n = len(graph.node)
     for node in graph.node:
@@ -208,6 +223,8 @@ def declared_nbytes(tensor: onnx.TensorProto) -> int:
     name = onnx.TensorProto.DataType.Name(tensor.data_type)
     if name in ("INT4", "UINT4", "FLOAT4E2M1"):
         return (count + 1) // 2
+    if name in ("INT2", "UINT2"):
+        return (count + 3) // 4
     return count * np.dtype(np_dtype).itemsize
 
 
@@ -364,7 +381,11 @@ def read_proto(path: str | os.PathLike[str], max_memory: int | None = None) -> o
         _require_text(*(p.key for p in model.metadata_props), *(p.value for p in model.metadata_props))
     except (UnicodeDecodeError, UnicodeEncodeError):
         raise OnnxCompressError("model refused: a name in the model is not valid UTF-8 (corrupted file?)") from None
-    if model.ir_version >= 3 and not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
+    if (
+        model.ir_version >= 3
+        and not any(o.domain in ("", "ai.onnx") for o in model.opset_import)
+        and (not model.opset_import or _uses_default_domain(model))
+    ):
         raise OnnxCompressError(f"{path} declares no ONNX opset (opset_import): truncated or malformed model")
     _check_graph_refs(model.graph, set())
     total = 0
@@ -474,6 +495,9 @@ class _Exporter:
             stub.data_location = onnx.TensorProto.EXTERNAL
             stub.external_data.add(key="location", value="__onnxcompress_stub__")
             return stub
+        if not isinstance(t._values, LazyValues) and np.asarray(t._values).dtype.kind in "OSU":
+            # graphsurgeon writes raw_data, which cannot hold strings
+            return onnx.numpy_helper.from_array(np.asarray(t._values, dtype=object), t.name)
         return self._gs.export_tensor_proto(t)
 
     def graph(self, graph: gs.Graph, do_type_check: bool, initializers: bool = True) -> onnx.GraphProto:

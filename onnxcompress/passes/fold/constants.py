@@ -232,9 +232,8 @@ class FoldConstantsPass:
                 refused[id(node)] = f"{node.name or node.op}\0size guard: output {nbytes} bytes > bytes it frees"
                 continue
             ok = True
-            for out, value in zip(node.outputs, values):
-                if out.is_empty():
-                    continue
+            # ``values`` holds the non-empty outputs only (omitted optional outputs are empty).
+            for out, value in zip([o for o in node.outputs if not o.is_empty()], values):
                 ok &= _replace_with_constant(tree, g, out, value, None)
             if ok:
                 _detach(node)

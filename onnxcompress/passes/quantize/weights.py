@@ -202,6 +202,8 @@ class Int8WeightsPass:
     def _skip_reason(t: gs.Tensor, cfg: Int8WeightsConfig, opset: int) -> str | None:
         if t.name in cfg.exclude:
             return "excluded by configuration"
+        if opset < 7:
+            return f"opset {opset} < 7: Mul broadcasts only from opset 7 (onnxruntime has no Mul before 7)"
         meta = constant_meta(t)
         assert meta is not None
         shape, dtype = meta
