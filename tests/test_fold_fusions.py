@@ -602,3 +602,36 @@ def test_deterministic(tmp_path: Path) -> None:
     _all_passes(src, a)
     _all_passes(src, b)
     assert a.read_bytes() == b.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("opset", "first", "second"),
+    [(13, [0], [2]), (13, [1], [0]), (13, [-1], [0, -1]), (11, [0], [2]), (11, [2, 0], [1])],
+)
+def test_unsqueeze_chains_merge(tmp_path: Path, opset: int, first: list[int], second: list[int]) -> None:
+    def unsqueeze(src: str, dst: str, axes: list[int], name: str) -> list[onnx.NodeProto]:
+        if opset >= 13:
+            const = h.make_node("Constant", [], [f"{name}_axes"], value=nh.from_array(np.array(axes, np.int64)))
+            return [const, h.make_node("Unsqueeze", [src, f"{name}_axes"], [dst], name=name)]
+        return [h.make_node("Unsqueeze", [src], [dst], name=name, axes=axes)]
+
+    nodes = unsqueeze("x", "u1", first, "u1") + unsqueeze("u1", "u2", second, "u2")
+    rank = 2 + len(first) + len(second)
+    g = h.make_graph(
+        nodes,
+        "uu",
+        [h.make_tensor_value_info("x", T.FLOAT, [3, 4])],
+        [h.make_tensor_value_info("u2", T.FLOAT, [None] * rank)],
+    )
+    src = tmp_path / "m.onnx"
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.save(m, str(src))
+    model = oc.load(src)
+    report = FuseReshapesPass().run(model, PassContext())
+    out = oc.save(model, tmp_path / "f.onnx")
+    assert report.modified
+    assert [n.op_type for n in onnx.load(str(out)).graph.node if n.op_type == "Unsqueeze"] == ["Unsqueeze"]
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    a, b = run(src, {"x": x})[0], run(out, {"x": x})[0]
+    assert a.shape == b.shape and np.array_equal(a, b)

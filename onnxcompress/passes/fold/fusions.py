@@ -776,6 +776,10 @@ def _reshape(run: _Run, g: gs.Graph, node: gs.Node) -> Outcome:
         node.inputs[0] = src
         run.fused[f"{first}+Reshape"] += 1
         return True
+    if node.op == "Unsqueeze":
+        merged = _merge_unsqueezes(run, g, node)
+        if merged is not None:
+            return merged
     inner_op = "Unsqueeze" if node.op == "Squeeze" else "Squeeze"
     p = run.local_producer(src, g, (inner_op,))
     if p is None or not p.inputs:
@@ -797,6 +801,48 @@ def _reshape(run: _Run, g: gs.Graph, node: gs.Node) -> Outcome:
         return None
     run.bypass(g, node, x)
     run.fused[f"{inner_op}+{node.op}"] += 1
+    return True
+
+
+def _unsqueeze_positions(base_rank: int, first: list[int], second: list[int]) -> list[int]:
+    """Where the dimensions inserted by two successive Unsqueezes end up (non-negative axes)."""
+    dims: list[str] = ["x"] * base_rank
+    for axes, mark in ((first, "a"), (second, "b")):
+        out: list[str] = []
+        it = iter(dims)
+        for i in range(len(dims) + len(axes)):
+            out.append(mark if i in axes else next(it))
+        dims = out
+    return [i for i, d in enumerate(dims) if d != "x"]
+
+
+def _merge_unsqueezes(run: _Run, g: gs.Graph, node: gs.Node) -> Outcome:
+    """``Unsqueeze(Unsqueeze(x, a), b)`` -> ``Unsqueeze(x, c)``, c the final positions of both."""
+    p = run.local_producer(node.inputs[0], g, ("Unsqueeze",))
+    if p is None or not p.inputs or not run.sole_reader(node.inputs[0], node):
+        return None
+    inner, outer = _axes(p), _axes(node)
+    if isinstance(inner, str) or isinstance(outer, str) or not inner or not outer:
+        return None
+    x = p.inputs[0]
+    rank = run.ranks.rank(x) if min(inner + outer) < 0 else None
+    if min(inner + outer) < 0:
+        if rank is None:
+            return "negative axes on a tensor of unknown rank"
+        inner = [a % (rank + len(inner)) for a in inner]
+        outer = [a % (rank + len(inner) + len(outer)) for a in outer]
+    base = rank if rank is not None else max(inner + outer) + 1
+    if len(set(inner)) != len(inner) or len(set(outer)) != len(outer):
+        return None
+    if max(inner) >= base + len(inner) or max(outer) >= base + len(inner) + len(outer):
+        return None
+    combined = np.array(_unsqueeze_positions(base, inner, outer), dtype=np.int64)
+    node.inputs[0] = x
+    if _present(node, 1) is not None:
+        _set_input(node, 1, run.constant("unsqueeze_axes", combined))
+    else:
+        node.attrs["axes"] = [int(a) for a in combined]
+    run.fused["Unsqueeze+Unsqueeze"] += 1
     return True
 
 
