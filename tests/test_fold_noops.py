@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from _models import assert_equivalent, matmul_model, run, save
+from _models import _model, assert_equivalent, matmul_model, run, save
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -607,3 +607,21 @@ def test_bundled_models_stay_exact(name: str, tmp_path: Path) -> None:
     assert len(onnx.load(str(out)).graph.node) == len(onnx.load(str(src)).graph.node)
     v = oc.validate(src, out, tolerances=["max_abs<=0"])
     assert v.passed, v.failures
+
+
+@pytest.mark.parametrize(("op", "value", "removed"), [("And", True, True), ("Or", False, True), ("And", False, False)])
+def test_boolean_neutral_elements(tmp_path: Path, op: str, value: bool, removed: bool) -> None:
+    g = h.make_graph(
+        [h.make_node(op, ["c", "x"], ["l"], name="logic"), h.make_node("Not", ["l"], ["y"], name="not")],
+        "logic",
+        [h.make_tensor_value_info("x", T.BOOL, [2, 3])],
+        [h.make_tensor_value_info("y", T.BOOL, [2, 3])],
+        [nh.from_array(np.full((1, 3), value), "c")],
+    )
+    src = save(_model(g), tmp_path / "m.onnx")
+    model = oc.load(src)
+    report = EliminateNoOpsPass().run(model, PassContext())
+    out = oc.save(model, tmp_path / "f.onnx")
+    assert report.modified is removed
+    x = np.array([[True, False, True], [False, False, True]])
+    assert_equivalent(src, out, [{"x": x}])

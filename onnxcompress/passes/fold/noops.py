@@ -27,7 +27,8 @@ is exact:
   arithmetic ``x * 1 = x / 1 = x`` and ``x - (+0) = x + (-0) = x`` exactly, NaN and infinities
   included. ``x + (+0)`` and ``x - (-0)`` are exact too except that ``-0`` becomes ``+0`` (equal
   values, but ``1 / y`` would tell them apart); like onnxsim and onnxscript these are removed unless
-  ``EliminateNoOpsConfig.signed_zeros`` is set, which keeps them.
+  ``EliminateNoOpsConfig.signed_zeros`` is set, which keeps them. The same for booleans:
+  ``x and True = x``, ``x or False = x``.
 * ``Expand`` to a constant shape that broadcasts into ``x``'s shape without growing it (the same
   condition as above): ``y = broadcast(x, shape)`` has ``x``'s shape, so it is ``x``.
 * ``Concat`` of a single input and ``Split`` into a single output: the one piece is the whole.
@@ -217,9 +218,9 @@ class _Rules:
         if len(node.inputs) != 2:
             return None
         op = node.op
-        neutral = 1 if op in ("Mul", "Div") else 0
-        # (index of x, index of the constant): Mul and Add commute, Sub and Div only take it second.
-        sides = [(0, 1), (1, 0)] if op in ("Mul", "Add") else [(0, 1)]
+        neutral = 1 if op in ("Mul", "Div", "And") else 0
+        # (index of x, index of the constant): Mul, Add, And and Or commute; Sub and Div take it second.
+        sides = [(0, 1), (1, 0)] if op in ("Mul", "Add", "And", "Or") else [(0, 1)]
         for xi, ci in sides:
             meta = constant_meta(node.inputs[ci])
             if meta is None:
@@ -323,6 +324,8 @@ RULES: dict[str, Rule] = {
     "Div": _Rules.arithmetic,
     "Add": _Rules.arithmetic,
     "Sub": _Rules.arithmetic,
+    "And": _Rules.arithmetic,
+    "Or": _Rules.arithmetic,
     "Expand": _Rules.expand,
     "Concat": _Rules.concat,
     "Split": _Rules.split,
