@@ -635,3 +635,26 @@ def test_unsqueeze_chains_merge(tmp_path: Path, opset: int, first: list[int], se
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
     a, b = run(src, {"x": x})[0], run(out, {"x": x})[0]
     assert a.shape == b.shape and np.array_equal(a, b)
+
+
+def test_unsqueeze_read_by_two_unsqueezes_merges_into_both(tmp_path: Path) -> None:
+    axes = {k: nh.from_array(np.array(v, np.int64), k) for k, v in {"a0": [0], "a1": [1], "a3": [3]}.items()}
+    g = h.make_graph(
+        [
+            h.make_node("Unsqueeze", ["x", "a0"], ["u"], name="inner"),
+            h.make_node("Unsqueeze", ["u", "a1"], ["p"], name="outer1"),
+            h.make_node("Unsqueeze", ["u", "a3"], ["q"], name="outer2"),
+        ],
+        "shared",
+        [h.make_tensor_value_info("x", T.FLOAT, [3, 4])],
+        [h.make_tensor_value_info("p", T.FLOAT, [1, 1, 3, 4]), h.make_tensor_value_info("q", T.FLOAT, [1, 3, 4, 1])],
+        list(axes.values()),
+    )
+    src = save(_model(g), tmp_path / "m.onnx")
+    model = oc.load(src)
+    FuseReshapesPass().run(model, PassContext())
+    out = oc.save(model, tmp_path / "f.onnx")
+    assert Counter(n.op_type for n in onnx.load(str(out)).graph.node) == Counter({"Unsqueeze": 2})
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for a, b in zip(run(src, {"x": x}), run(out, {"x": x})):
+        assert a.shape == b.shape and np.array_equal(a, b)

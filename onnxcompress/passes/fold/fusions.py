@@ -817,9 +817,15 @@ def _unsqueeze_positions(base_rank: int, first: list[int], second: list[int]) ->
 
 
 def _merge_unsqueezes(run: _Run, g: gs.Graph, node: gs.Node) -> Outcome:
-    """``Unsqueeze(Unsqueeze(x, a), b)`` -> ``Unsqueeze(x, c)``, c the final positions of both."""
+    """``Unsqueeze(Unsqueeze(x, a), b)`` -> ``Unsqueeze(x, c)``, c the final positions of both.
+
+    Done when every reader of the inner Unsqueeze is an Unsqueeze, so the inner one disappears once all
+    are merged and no work is duplicated."""
     p = run.local_producer(node.inputs[0], g, ("Unsqueeze",))
-    if p is None or not p.inputs or not run.sole_reader(node.inputs[0], node):
+    mid = node.inputs[0]
+    # Every reader of the inner Unsqueeze must be an Unsqueeze too: each gets merged, the inner dies.
+    readers_ok = all(c.op == "Unsqueeze" and _std(c) and run.graph_of(c) is g for c in mid.outputs)
+    if p is None or not p.inputs or run.is_output(mid) or not readers_ok:
         return None
     inner, outer = _axes(p), _axes(node)
     if isinstance(inner, str) or isinstance(outer, str) or not inner or not outer:
