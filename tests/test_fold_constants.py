@@ -266,3 +266,14 @@ def test_folded_scalars_stay_scalars(tmp_path: Path) -> None:
     total = next(i for i in m.graph.initializer if i.name == "total")
     assert list(total.dims) == []
     assert_equivalent(src, out, [{"x": np.ones((3, 8), np.float32)}])
+
+
+LIGHT = sorted((Path(onnx.__file__).parent / "backend" / "test" / "data" / "light").glob("light_*.onnx"))
+
+
+@pytest.mark.parametrize("path", LIGHT, ids=[p.stem for p in LIGHT])
+def test_light_models_never_grow(tmp_path: Path, path: Path) -> None:
+    """onnx's light_* models make their weights with ConstantOfShape: the size guard keeps them small."""
+    out, report = _fold(path, tmp_path / "f.onnx")
+    assert out.stat().st_size <= 1.1 * path.stat().st_size
+    assert report.stats["nodes_after"] <= report.stats["nodes_before"]

@@ -14,9 +14,13 @@ Three steps per graph (main graph first, then every subgraph, which may read out
 The **size guard** keeps files from growing. Before evaluation, onnx shape inference on the wave
 gives every output's size; after evaluation the real size is checked again. A node is folded only if
 
-    out_bytes <= small_bytes    or    out_bytes <= max_growth * freed_bytes
+    out_bytes <= max_growth * freed_bytes        (default 1.0)
 
-where ``freed_bytes`` counts the constant inputs that the node alone reads (they disappear with it).
+where ``freed_bytes`` counts the constant inputs that the node alone reads (they disappear with it),
+or, for outputs of at most ``small_bytes`` (1 KiB: shape vectors, per-channel parameters), if the
+bytes they add fit the growth budget: ``max_total_growth`` (10%) of the model's size, shared by all
+rounds of one ``fold``. A folded value identical to a constant already in the model adds nothing
+(deduplication merges them), and the node's own bytes are credited.
 So ``ConstantOfShape``/``Expand``/``Tile``/``Range`` producing a large tensor from a small shape,
 ``Cast``/``DequantizeLinear`` that would undo weight compression, and a ``Transpose`` of a weight that
 is also used elsewhere are left unfolded, each with its reason in the report. Nodes whose output
@@ -30,6 +34,7 @@ optional ops, and ops outside the default domain. An op onnxruntime cannot evalu
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import tempfile
 from pathlib import Path
@@ -77,18 +82,43 @@ MAY_GROW = frozenset(
 )  # fmt: skip
 
 
+_NODE_BYTES = 64  # rough serialized size of a node, to estimate a model's size without writing it
+
+
+def _value_key(value: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
+    arr = np.asarray(value)
+    data = arr.tobytes() if arr.dtype.kind not in "OSU" else repr(arr.tolist()).encode()
+    return arr.dtype.str, arr.shape, hashlib.sha256(data).digest()
+
+
+def _small_constant_keys(model: Model, limit: int) -> set[tuple[str, tuple[int, ...], bytes]]:
+    """Keys of the constants of at most ``limit`` bytes already in the model."""
+    keys = set()
+    for g in iter_graphs(model.graph):
+        for n in g.nodes:
+            for t in n.inputs:
+                if isinstance(t, gs.Constant) and tensor_nbytes(t) <= limit:
+                    try:
+                        keys.add(_value_key(constant_value(t, cache=False)))
+                    except (ValueError, TypeError):  # packed types numpy cannot hold (int2, int4, ...)
+                        continue
+    return keys
+
+
 @dataclasses.dataclass(frozen=True)
 class FoldConstantsConfig:
     """Options for :class:`FoldConstantsPass`.
 
     Attributes:
-        small_bytes: Outputs up to this size are always folded (shape vectors, scalars).
+        small_bytes: Outputs up to this size may be folded from the growth budget.
         max_growth: Otherwise an output may be at most this many times the bytes it frees.
+        max_total_growth: The growth budget, as a fraction of the model's size.
         max_wave_bytes: Upper bound on the bytes one evaluation session may produce.
     """
 
     small_bytes: int = 1024
     max_growth: float = 1.0
+    max_total_growth: float = 0.10
     max_wave_bytes: int = 512 * 2**20
 
 
@@ -112,6 +142,10 @@ class FoldConstantsPass:
         """Fold every foldable node of every graph of ``model``."""
         report = PassReport(self.name)
         nodes_before, bytes_before = count_nodes(model.graph), constant_bytes(model.graph)
+        # One growth budget for all rounds of a fold (the rounds share the context).
+        size = bytes_before + _NODE_BYTES * nodes_before
+        self._budget = ctx.options.setdefault("fold_growth_budget", [self.config.max_total_growth * size])
+        self._seen = _small_constant_keys(model, self.config.small_bytes)
         folded: dict[str, int] = {}
         changed = self._constant_nodes(model, folded)
         if changed:
@@ -228,7 +262,7 @@ class FoldConstantsPass:
             if values is None:
                 continue
             nbytes = sum(v.nbytes for v in values)
-            if not self._within_guard(node, nbytes):
+            if not self._within_guard(node, nbytes, values):
                 refused[id(node)] = f"{node.name or node.op}\0size guard: output {nbytes} bytes > bytes it frees"
                 continue
             ok = True
@@ -243,15 +277,27 @@ class FoldConstantsPass:
             model.graph.cleanup(remove_unused_graph_inputs=False)
         return changed
 
-    def _within_guard(self, node: gs.Node, out_bytes: int) -> bool:
+    def _within_guard(self, node: gs.Node, out_bytes: int, values: list[np.ndarray] | None = None) -> bool:
+        """The size guard (see module docstring). With ``values``, small outputs are charged."""
         cfg = self.config
-        if out_bytes <= cfg.small_bytes:
-            return True
         freed = 0
         for t in node.inputs:
             if isinstance(t, gs.Constant) and all(c is node for c in t.outputs):
                 freed += tensor_nbytes(t)
-        return out_bytes <= cfg.max_growth * freed
+        if out_bytes <= cfg.max_growth * freed:
+            return True
+        if out_bytes > cfg.small_bytes:
+            return False
+        if values is None:
+            return True  # before evaluation: small enough to be worth computing
+        keys = [_value_key(v) for v in values]
+        added = sum(v.nbytes for v, k in zip(values, keys) if k not in self._seen)
+        growth = added - freed - _NODE_BYTES
+        if growth > self._budget[0]:
+            return False
+        self._budget[0] -= max(growth, 0)
+        self._seen.update(keys)
+        return True
 
     @staticmethod
     def _evaluate(nodes: list[gs.Node], model: Model, refused: dict[int, str]) -> dict[int, list[np.ndarray]]:

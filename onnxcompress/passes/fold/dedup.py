@@ -18,7 +18,16 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ...graph import GraphTree, Model, constant_bytes, count_nodes, detach_node, iter_graphs, replace_tensor
+from ...graph import (
+    GraphTree,
+    Model,
+    constant_bytes,
+    constant_value,
+    count_nodes,
+    detach_node,
+    iter_graphs,
+    replace_tensor,
+)
 from ..base import PassContext, PassReport
 
 NONDETERMINISTIC = frozenset(
@@ -71,7 +80,7 @@ class DedupConstantsPass:
                 continue
             seen: dict[str, gs.Constant] = {}
             for c in members:
-                arr = np.ascontiguousarray(c.values)
+                arr = np.ascontiguousarray(constant_value(c, cache=False))  # one tensor in memory at a time
                 digest = hashlib.sha256(arr.view(np.uint8).reshape(-1) if arr.size else b"").hexdigest()
                 keep = seen.setdefault(digest, c)
                 if keep is c:
