@@ -1,6 +1,7 @@
 """Every pass against a fast subset of onnx's own backend test data (see ``scripts/conformance.py``).
 
-The subset: the ``simple`` and ``pytorch-operator`` suites and a deterministic sample of about 150
+The subset: the ``simple``, ``pytorch-operator``, ``pytorch-converted`` and ``light`` suites (the
+fold acceptance set) and a deterministic sample of about 150
 ``node`` cases (picked by a hash of the case name, so onnx releases that add cases keep the old
 picks) plus a few node cases that once exposed a bug, each as given and ``frozen`` (inputs baked in
 as initializers, so ``fold`` evaluates whole graphs); and the Conv/Gemm/MatMul/Gather node cases with
@@ -43,7 +44,7 @@ EXTRA_NODE_CASES = (
     "test_loop11",
     "test_dynamicquantizelinear_expanded",
 )
-SUITES = ("simple", "pytorch-operator")
+SUITES = ("simple", "pytorch-operator", "pytorch-converted", "light")
 VARIANTS = ("as-is", "frozen")
 INT8_CASE_PREFIXES = (
     "test_conv",
