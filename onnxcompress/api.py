@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,7 @@ def compress(
     external_data: bool | None = None,
     max_memory: int | None = None,
     validate: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> CompressionReport:
     """Compress a model file and validate the result against the original.
 
@@ -161,6 +163,7 @@ def compress(
         external_data: Force external data on/off (default: as the input, and always over ~1.8 GB).
         max_memory: Memory budget in bytes for the loader's checks.
         validate: Set False to skip validation (the model is then written unchecked).
+        progress: Called with a short message as each stage starts (load, each pass, write, validate).
 
     Returns:
         The report. If validation fails and not ``force``, raises :class:`ValidationFailed` carrying it.
@@ -170,19 +173,23 @@ def compress(
     io.check_output_path(out_path, force=force, protect=(in_path,))
     tols = [Tolerance.parse(t) for t in (tolerances or default_tolerances(techniques))]
     passes = build_passes(techniques)
+    note = progress or (lambda _message: None)
+    note(f"loading {in_path.name}")
     model = io.load(in_path, max_memory=max_memory)
     check_runnable(model)
     in_size = _model_size(model)
     feed_opts = feeds or FeedOptions()
     feed_list, source, labels = resolve_feeds(model, in_path, feed_opts) if validate else ([], "none", None)
     ctx = PassContext(feeds=feed_list)
-    pass_reports = Pipeline(passes).run(model, ctx)
+    pass_reports = Pipeline(passes, on_start=lambda p: note(f"running {p.name}")).run(model, ctx)
+    note(f"writing {out_path.name}")
     staged = io.stage(model, out_path, external=external_data, force=force, protect=(in_path,))
     del model
     gc.collect()  # graphsurgeon graphs hold reference cycles: free the weights before validation
     try:
         report_v = None
         if validate:
+            note("validating in onnxruntime")
             report_v = compare(
                 in_path,
                 staged.path,

@@ -6,8 +6,10 @@ traceback).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -92,6 +94,16 @@ def _feed_options(
     return api.FeedOptions(
         inputs=inputs, shapes=parse_shapes(shape), int_high=int_high, labels=labels, label_output=label_output
     )
+
+
+@contextlib.contextmanager
+def _status() -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr with the current stage, when stderr is a terminal (silent otherwise)."""
+    if not err.is_terminal:
+        yield lambda _message: None
+        return
+    with err.status("starting") as status:
+        yield lambda message: status.update(message)
 
 
 def _fmt(value: Any, spec: str = ".6g") -> str:
@@ -256,17 +268,19 @@ def compress(
         raise OnnxCompressError("nothing to do: choose a technique, e.g. --quantize int8-weights")
     failed: ValidationFailed | None = None
     try:
-        r = api.compress(
-            model,
-            output,
-            techniques,
-            feeds=_feed_options(inputs, shape, int_high, labels, label_output),
-            tolerances=tolerance,
-            force=force,
-            external_data=external_data,
-            max_memory=parse_size(max_memory) if max_memory else None,
-            validate=not skip_validation,
-        )
+        with _status() as update:
+            r = api.compress(
+                model,
+                output,
+                techniques,
+                feeds=_feed_options(inputs, shape, int_high, labels, label_output),
+                tolerances=tolerance,
+                force=force,
+                external_data=external_data,
+                max_memory=parse_size(max_memory) if max_memory else None,
+                validate=not skip_validation,
+                progress=update,
+            )
     except ValidationFailed as exc:
         failed, r = exc, exc.report
     if report:

@@ -18,11 +18,18 @@ class Pipeline:
     Args:
         passes: The passes, run in order.
         on_pass: Called after each pass with its report (progress display, per-pass validation).
+        on_start: Called with each pass before it runs (progress display).
     """
 
-    def __init__(self, passes: Sequence[Pass], on_pass: Callable[[PassReport], None] | None = None) -> None:
+    def __init__(
+        self,
+        passes: Sequence[Pass],
+        on_pass: Callable[[PassReport], None] | None = None,
+        on_start: Callable[[Pass], None] | None = None,
+    ) -> None:
         self.passes = list(passes)
         self.on_pass = on_pass
+        self.on_start = on_start
 
     def run(self, model: Model, ctx: PassContext | None = None) -> list[PassReport]:
         """Run every pass on ``model`` (in place) and return their reports in order."""
@@ -30,6 +37,8 @@ class Pipeline:
         reports = []
         for p in self.passes:
             log.info("running pass %s", p.name)
+            if self.on_start:
+                self.on_start(p)
             start = time.perf_counter()
             report = p.run(model, ctx)
             report.seconds = time.perf_counter() - start
