@@ -13,7 +13,7 @@ import dataclasses
 import logging
 from typing import Any, Protocol
 
-from ..graph import Model
+from ..graph import Model, constant_bytes, count_nodes
 
 
 @dataclasses.dataclass
@@ -71,3 +71,27 @@ class Pass(Protocol):
     def run(self, model: Model, ctx: PassContext) -> PassReport:
         """Rewrite ``model.graph`` in place and report what changed."""
         ...
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphSize:
+    """Node count and constant bytes of a model, taken before a pass runs."""
+
+    nodes: int
+    bytes: int
+
+    @classmethod
+    def of(cls, model: Model) -> GraphSize:
+        """Measure ``model`` now (subgraphs included; lazy weights are not loaded)."""
+        return cls(count_nodes(model.graph), constant_bytes(model.graph))
+
+    def stats(self, model: Model, changed: bool = True, **extra: Any) -> dict[str, Any]:
+        """``nodes_before/after`` and ``bytes_before/after`` (re-measured only if ``changed``), plus ``extra``."""
+        after = GraphSize.of(model) if changed else self
+        return {
+            "nodes_before": self.nodes,
+            "nodes_after": after.nodes,
+            "bytes_before": self.bytes,
+            "bytes_after": after.bytes,
+            **extra,
+        }

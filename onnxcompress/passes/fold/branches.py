@@ -18,15 +18,13 @@ from ...graph import (
     GraphTree,
     Model,
     all_tensor_names,
-    constant_bytes,
     constant_value,
-    count_nodes,
     detach_node,
     fresh_name,
     iter_graphs,
     replace_tensor,
 )
-from ..base import PassContext, PassReport
+from ..base import GraphSize, PassContext, PassReport
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +43,7 @@ class FoldIfPass:
     def run(self, model: Model, ctx: PassContext) -> PassReport:
         """Inline every ``If`` with a constant condition, outermost first."""
         report = PassReport(self.name)
-        nodes_before, bytes_before = count_nodes(model.graph), constant_bytes(model.graph)
+        before = GraphSize.of(model)
         inlined = 0
         while True:
             target = self._find(model)
@@ -59,13 +57,7 @@ class FoldIfPass:
         if inlined:
             model.graph.cleanup(remove_unused_graph_inputs=False)
         report.modified = inlined > 0
-        report.stats = {
-            "nodes_before": nodes_before,
-            "nodes_after": count_nodes(model.graph),
-            "bytes_before": bytes_before,
-            "bytes_after": constant_bytes(model.graph),
-            "inlined": inlined,
-        }
+        report.stats = before.stats(model, inlined > 0, inlined=inlined)
         return report
 
     @staticmethod

@@ -48,9 +48,7 @@ from ...graph import (
     GraphTree,
     Model,
     all_tensor_names,
-    constant_bytes,
     constant_value,
-    count_nodes,
     fresh_name,
     is_constant,
     iter_graphs,
@@ -58,7 +56,7 @@ from ...graph import (
 )
 from ...io import export_model, stage
 from ...shapes import infer_shapes
-from ..base import PassContext, PassReport
+from ..base import GraphSize, PassContext, PassReport
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +139,9 @@ class FoldConstantsPass:
     def run(self, model: Model, ctx: PassContext) -> PassReport:
         """Fold every foldable node of every graph of ``model``."""
         report = PassReport(self.name)
-        nodes_before, bytes_before = count_nodes(model.graph), constant_bytes(model.graph)
+        before = GraphSize.of(model)
         # One growth budget for all rounds of a fold (the rounds share the context).
-        size = bytes_before + _NODE_BYTES * nodes_before
+        size = before.bytes + _NODE_BYTES * before.nodes
         self._budget = ctx.options.setdefault("fold_growth_budget", [self.config.max_total_growth * size])
         self._seen = _small_constant_keys(model, self.config.small_bytes)
         folded: dict[str, int] = {}
@@ -168,13 +166,7 @@ class FoldConstantsPass:
         if changed:
             model.graph.cleanup(remove_unused_graph_inputs=False)
         report.modified = changed
-        report.stats = {
-            "nodes_before": nodes_before,
-            "nodes_after": count_nodes(model.graph),
-            "bytes_before": bytes_before,
-            "bytes_after": constant_bytes(model.graph),
-            "folded": dict(sorted(folded.items())),
-        }
+        report.stats = before.stats(model, changed, folded=dict(sorted(folded.items())))
         return report
 
     # ----------------------------------------------------------------------------------- steps

@@ -12,8 +12,8 @@ import dataclasses
 
 import onnx_graphsurgeon as gs
 
-from ...graph import Model, constant_bytes, count_nodes, iter_graphs
-from ..base import PassContext, PassReport
+from ...graph import Model, iter_graphs
+from ..base import GraphSize, PassContext, PassReport
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +38,7 @@ class DeadCodePass:
     def run(self, model: Model, ctx: PassContext) -> PassReport:
         """Clean up every graph of ``model``."""
         report = PassReport(self.name)
-        nodes_before, bytes_before = count_nodes(model.graph), constant_bytes(model.graph)
+        before = GraphSize.of(model)
         model.graph.cleanup(remove_unused_graph_inputs=False, remove_unused_node_outputs=False)
         model.graph.toposort(recurse_subgraphs=True)
         if self.config.strip_value_info:
@@ -48,12 +48,6 @@ class DeadCodePass:
                     for t in n.outputs:
                         if isinstance(t, gs.Variable) and id(t) not in io:
                             t.dtype, t.shape = None, None
-        nodes_after, bytes_after = count_nodes(model.graph), constant_bytes(model.graph)
-        report.modified = nodes_after != nodes_before or bytes_after != bytes_before
-        report.stats = {
-            "nodes_before": nodes_before,
-            "nodes_after": nodes_after,
-            "bytes_before": bytes_before,
-            "bytes_after": bytes_after,
-        }
+        report.stats = before.stats(model)
+        report.modified = report.stats["nodes_after"] != before.nodes or report.stats["bytes_after"] != before.bytes
         return report

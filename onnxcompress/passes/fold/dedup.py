@@ -21,14 +21,12 @@ import onnx_graphsurgeon as gs
 from ...graph import (
     GraphTree,
     Model,
-    constant_bytes,
     constant_value,
-    count_nodes,
     detach_node,
     iter_graphs,
     replace_tensor,
 )
-from ..base import PassContext, PassReport
+from ..base import GraphSize, PassContext, PassReport
 
 NONDETERMINISTIC = frozenset(
     {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"}
@@ -38,15 +36,6 @@ NONDETERMINISTIC = frozenset(
 @dataclasses.dataclass(frozen=True)
 class DedupConfig:
     """Options for :class:`DedupConstantsPass` (none yet: the pass is exact)."""
-
-
-def _stats(model: Model, nodes_before: int, bytes_before: int) -> dict[str, Any]:
-    return {
-        "nodes_before": nodes_before,
-        "nodes_after": count_nodes(model.graph),
-        "bytes_before": bytes_before,
-        "bytes_after": constant_bytes(model.graph),
-    }
 
 
 class DedupConstantsPass:
@@ -60,7 +49,7 @@ class DedupConstantsPass:
     def run(self, model: Model, ctx: PassContext) -> PassReport:
         """Merge identical constants across all graphs."""
         report = PassReport(self.name)
-        nodes_before, bytes_before = count_nodes(model.graph), constant_bytes(model.graph)
+        before = GraphSize.of(model)
         tree = GraphTree(model.graph)
         outputs = {id(t) for g in tree.graphs.values() for t in g.outputs}
         consts: dict[int, gs.Constant] = {}
@@ -93,7 +82,7 @@ class DedupConstantsPass:
         if merged:
             model.graph.cleanup(remove_unused_graph_inputs=False)
         report.modified = merged > 0
-        report.stats = {**_stats(model, nodes_before, bytes_before), "merged": merged}
+        report.stats = before.stats(model, merged > 0, merged=merged)
         return report
 
 
@@ -108,7 +97,7 @@ class CommonSubexpressionPass:
     def run(self, model: Model, ctx: PassContext) -> PassReport:
         """Merge identical nodes within each graph."""
         report = PassReport(self.name)
-        nodes_before, bytes_before = count_nodes(model.graph), constant_bytes(model.graph)
+        before = GraphSize.of(model)
         tree = GraphTree(model.graph)
         merged = 0
         for g in iter_graphs(model.graph):
@@ -127,7 +116,7 @@ class CommonSubexpressionPass:
         if merged:
             model.graph.cleanup(remove_unused_graph_inputs=False)
         report.modified = merged > 0
-        report.stats = {**_stats(model, nodes_before, bytes_before), "merged": merged}
+        report.stats = before.stats(model, merged > 0, merged=merged)
         return report
 
 

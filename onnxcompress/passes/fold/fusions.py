@@ -77,10 +77,8 @@ from ...graph import (
     GraphTree,
     Model,
     all_tensor_names,
-    constant_bytes,
     constant_meta,
     constant_value,
-    count_nodes,
     detach_node,
     fresh_name,
     is_constant,
@@ -89,7 +87,7 @@ from ...graph import (
     replace_tensor,
 )
 from ...shapes import TensorFacts
-from ..base import PassContext, PassReport
+from ..base import GraphSize, PassContext, PassReport
 
 _ONNX_DOMAINS = ("", "ai.onnx", None)
 _LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -222,8 +220,7 @@ class _Run:
     def __init__(self, model: Model, name: str) -> None:
         self.model = model
         self.report = PassReport(name)
-        self.nodes_before = count_nodes(model.graph)
-        self.bytes_before = constant_bytes(model.graph)
+        self.before = GraphSize.of(model)
         self.tree = GraphTree(model.graph)
         self.names = all_tensor_names(model.graph)
         self.ranks = TensorFacts(model)
@@ -314,14 +311,9 @@ class _Run:
         if self.fused:
             self.model.graph.cleanup(remove_unused_graph_inputs=False)
         report.modified = bool(self.fused)
-        report.stats = {
-            "nodes_before": self.nodes_before,
-            "nodes_after": count_nodes(self.model.graph) if self.fused else self.nodes_before,
-            "bytes_before": self.bytes_before,
-            "bytes_after": constant_bytes(self.model.graph) if self.fused else self.bytes_before,
-            "fused": dict(sorted(self.fused.items())),
-            "fusions": sum(self.fused.values()),
-        }
+        report.stats = self.before.stats(
+            self.model, bool(self.fused), fused=dict(sorted(self.fused.items())), fusions=sum(self.fused.values())
+        )
         return report
 
 

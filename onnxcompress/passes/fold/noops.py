@@ -68,17 +68,15 @@ import onnx_graphsurgeon as gs
 from ...graph import (
     GraphTree,
     Model,
-    constant_bytes,
     constant_meta,
     constant_value,
-    count_nodes,
     detach_node,
     is_graph_io,
     iter_graphs,
     replace_tensor,
 )
 from ...shapes import Shape, TensorFacts
-from ..base import PassContext, PassReport
+from ..base import GraphSize, PassContext, PassReport
 
 INT64_MAX = 2**63 - 1
 _ONNX_DOMAINS = ("", "ai.onnx", None)
@@ -386,7 +384,7 @@ class EliminateNoOpsPass:
     def run(self, model: Model, ctx: PassContext) -> PassReport:
         """Remove no-op nodes in every graph of ``model``, subgraphs included."""
         report = PassReport(self.name)
-        nodes_before, bytes_before = count_nodes(model.graph), constant_bytes(model.graph)
+        before = GraphSize.of(model)
         facts = TensorFacts(model)
         found = self._find(model, facts, report)
         for warning in facts.warnings:
@@ -407,14 +405,9 @@ class EliminateNoOpsPass:
             for node, _ in held.values():
                 report.skipped.append((node.name or node.op, "Dropout whose mask output is used kept"))
         report.modified = bool(removed)
-        report.stats = {
-            "nodes_before": nodes_before,
-            "nodes_after": count_nodes(model.graph) if removed else nodes_before,
-            "bytes_before": bytes_before,
-            "bytes_after": constant_bytes(model.graph) if removed else bytes_before,
-            "nodes_removed": sum(removed.values()),
-            "removed": dict(sorted(removed.items())),
-        }
+        report.stats = before.stats(
+            model, bool(removed), nodes_removed=sum(removed.values()), removed=dict(sorted(removed.items()))
+        )
         return report
 
     def _find(self, model: Model, facts: TensorFacts, report: PassReport) -> dict[int, tuple[gs.Node, int]]:

@@ -50,14 +50,12 @@ from ...graph import (
     GraphTree,
     Model,
     all_tensor_names,
-    constant_bytes,
     constant_meta,
     constant_value,
-    count_nodes,
     fresh_name,
     iter_nodes,
 )
-from ..base import PassContext, PassReport
+from ..base import GraphSize, PassContext, PassReport
 from ._math import quantize_symmetric, symmetric_scales
 
 QMAX = 127
@@ -134,7 +132,7 @@ class Int8WeightsPass:
         """Quantize the weights of the target ops in every graph of ``model``."""
         cfg = self.config
         report = PassReport(self.name)
-        nodes_before, bytes_before = count_nodes(model.graph), constant_bytes(model.graph)
+        before = GraphSize.of(model)
         weights = self._collect(model, report)
         tree = GraphTree(model.graph) if weights else None
         names = all_tensor_names(model.graph) if weights else set()
@@ -159,14 +157,7 @@ class Int8WeightsPass:
         if changed:
             model.graph.cleanup(remove_unused_graph_inputs=False)
         report.modified = changed > 0
-        report.stats = {
-            "nodes_before": nodes_before,
-            "nodes_after": count_nodes(model.graph),
-            "bytes_before": bytes_before,
-            "bytes_after": constant_bytes(model.graph) if changed else bytes_before,
-            "tensors_changed": changed,
-            "forms": forms,
-        }
+        report.stats = before.stats(model, changed > 0, tensors_changed=changed, forms=forms)
         return report
 
     def _collect(self, model: Model, report: PassReport) -> dict[int, tuple[gs.Tensor, list[_Slot]]]:
