@@ -41,9 +41,14 @@ def input_signature(model: Model) -> list[InputSpec]:
     for t in model.graph.inputs:
         if t.dtype is None:
             raise OnnxCompressError(f"model input {t.name!r} has no declared dtype; cannot build feeds for it")
-        dtype = t.dtype if not isinstance(t.dtype, int) else _onnx_to_np(t.dtype)
+        try:
+            dtype = np.dtype(t.dtype if not isinstance(t.dtype, int) else _onnx_to_np(t.dtype))
+        except (TypeError, KeyError, ValueError):
+            raise OnnxCompressError(
+                f"model input {t.name!r} is not a tensor onnxcompress can feed (type {str(t.dtype).split()[0]})"
+            ) from None
         shape = None if t.shape is None else tuple(d if isinstance(d, int) and d >= 0 else (d or None) for d in t.shape)
-        specs.append(InputSpec(t.name, np.dtype(dtype), shape))
+        specs.append(InputSpec(t.name, dtype, shape))
     return specs
 
 

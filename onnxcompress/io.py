@@ -126,6 +126,53 @@ def _require_text(*values: object) -> None:
             raise UnicodeDecodeError("utf-8", b"", 0, 1, "invalid UTF-8 in a string field")
 
 
+_VALID_ELEM_TYPES = frozenset(onnx.TensorProto.DataType.values())
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _typed_field(data_type: int) -> tuple[str, int]:
+    """The TensorProto field holding values of ``data_type`` and how many entries one value takes."""
+    T = onnx.TensorProto
+    if data_type in (T.FLOAT,):
+        return "float_data", 1
+    if data_type == T.COMPLEX64:
+        return "float_data", 2
+    if data_type == T.INT64:
+        return "int64_data", 1
+    if data_type == T.DOUBLE:
+        return "double_data", 1
+    if data_type == T.COMPLEX128:
+        return "double_data", 2
+    if data_type in (T.UINT32, T.UINT64):
+        return "uint64_data", 1
+    if data_type == T.STRING:
+        return "string_data", 1
+    return "int32_data", 1
+
+
+def _check_typed_data(tensor: onnx.TensorProto) -> None:
+    """A tensor stored in typed fields must hold exactly as many values as its dims declare."""
+    if tensor.HasField("raw_data") or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    field, per_value = _typed_field(tensor.data_type)
+    name = onnx.TensorProto.DataType.Name(tensor.data_type) if tensor.data_type in _VALID_ELEM_TYPES else ""
+    if name in ("INT4", "UINT4", "FLOAT4E2M1"):
+        expected = (count + 1) // 2
+    elif name in ("INT2", "UINT2"):
+        expected = (count + 3) // 4
+    else:
+        expected = count * per_value
+    held = len(getattr(tensor, field))
+    others = [f for f in _TYPED_FIELDS if f != field and len(getattr(tensor, f))]
+    if held != expected or others:
+        raise OnnxCompressError(
+            f"model refused: tensor {tensor.name!r} declares {count} values but its data does not match"
+        )
+
+
 _ATTR_FIELDS = {
     onnx.AttributeProto.GRAPH: "g",
     onnx.AttributeProto.TENSOR: "t",
@@ -137,6 +184,7 @@ _ATTR_FIELDS = {
 def _check_attribute(node: onnx.NodeProto, attr: onnx.AttributeProto) -> None:
     """The attribute's declared type must match the field it fills."""
     label = node.name or node.op_type
+    _require_text(attr.name, attr.ref_attr_name)
     bad = attr.type == onnx.AttributeProto.UNDEFINED and not attr.ref_attr_name
     for kind, field in _ATTR_FIELDS.items():
         if attr.HasField(field) != (attr.type == kind) and not attr.ref_attr_name:
@@ -154,6 +202,12 @@ def _check_graph_refs(graph: onnx.GraphProto, outer: set[str], where: str = "mai
     try:
         _require_text(graph.name, *(i.name for i in graph.input), *(o.name for o in graph.output))
         _require_text(*(t.name for t in graph.initializer))
+        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type not in _VALID_ELEM_TYPES:
+                raise OnnxCompressError(
+                    f"model refused: {vi.name!r} in the {where} has an unknown element type "
+                    f"{vi.type.tensor_type.elem_type}"
+                )
         known = set(outer)
         known.update(i.name for i in graph.input)
         known.update(t.name for t in graph.initializer)
@@ -399,14 +453,18 @@ def read_proto(path: str | os.PathLike[str], max_memory: int | None = None) -> o
             )
         total += size
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if tensor.HasField("raw_data"):
+                raise OnnxCompressError(f"model refused: tensor {tensor.name!r} has both external and inline data")
             target, offset, length = resolve_external(tensor, base_dir)
             info = _external_info(tensor)
             info.pop("checksum", None)
             info.update({_ABS_KEY: str(target), "offset": str(offset), "length": str(length)})
             _set_external_info(tensor, info)
-        elif (
-            tensor.HasField("raw_data") and len(tensor.raw_data) != size and tensor.data_type != onnx.TensorProto.STRING
-        ):
+        elif not tensor.HasField("raw_data"):
+            _check_typed_data(tensor)
+        elif tensor.data_type == onnx.TensorProto.STRING:
+            raise OnnxCompressError(f"model refused: string tensor {tensor.name!r} holds raw data")
+        elif len(tensor.raw_data) != size and tensor.data_type != onnx.TensorProto.STRING:
             raise OnnxCompressError(
                 f"model refused: tensor {tensor.name!r} declares {size} bytes but holds {len(tensor.raw_data)}"
             )
@@ -675,6 +733,21 @@ def _write_external(proto: onnx.ModelProto, data_path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _check_written(path: Path) -> None:
+    """Every written model must pass onnx's checker; otherwise nothing is written.
+
+    The loader refuses most malformed models; what it lets through and the checker rejects (an
+    unknown attribute, say) would otherwise come out as an invalid file.
+    """
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise OnnxCompressError(
+            f"the output would not be valid ONNX ({first[:200]}); check the input with onnx.checker"
+        ) from None
+
+
 def clean_stale_temp(folder: Path) -> None:
     """Remove temp folders left in ``folder`` by onnxcompress processes that no longer run."""
     try:
@@ -734,6 +807,7 @@ def stage(
     external: bool | None = None,
     force: bool = False,
     protect: tuple[Path, ...] = (),
+    check: bool = True,
 ) -> StagedModel:
     """Write ``model`` into a temp folder next to ``out`` (see :class:`StagedModel`).
 
@@ -744,10 +818,15 @@ def stage(
             if it had external data) and switches to external data over ~1.8 GB of tensors.
         force: Allow replacing an existing output file.
         protect: Paths that must never be written (the input model).
+        check: Run onnx's checker on the written file (off only for internal scratch models).
     """
     out = Path(out)
     check_output_path(out, force=force, protect=protect)
-    proto = export_model(model) if isinstance(model, Model) else model
+    try:
+        proto = export_model(model) if isinstance(model, Model) else model
+    except (ValueError, TypeError, KeyError, UnboundLocalError, AttributeError) as exc:
+        # graphsurgeon's exporter fails on some malformed inputs that loading let through
+        raise OnnxCompressError(f"cannot write {out.name}: the model cannot be exported ({exc})") from None
     data_name = out.name + ".data"
     data_final = out.parent / data_name
     sources = _source_files(proto)
@@ -779,6 +858,8 @@ def stage(
             del data
             f.flush()
             os.fsync(f.fileno())
+        if check:
+            _check_written(tmpdir / out.name)
     except OSError as exc:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise OnnxCompressError(f"cannot write {out}: {exc.strerror or exc}") from None

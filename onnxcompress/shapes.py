@@ -32,6 +32,34 @@ def skeleton(model: Model) -> onnx.ModelProto:
     return proto
 
 
+MAX_PROPAGATED_VALUES = 1 << 20
+
+
+def data_prop_is_safe(proto: onnx.ModelProto) -> bool:
+    """Whether onnx's data propagation can run without materialising a huge tensor.
+
+    Data propagation computes the *values* of small 1-D tensors; for a ``ConstantOfShape`` or
+    ``Range`` whose constant inputs ask for millions of elements it would build them element by
+    element (a 10^12-element request exhausts memory), so inference then runs without it.
+    """
+    consts: dict[str, onnx.TensorProto] = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.HasField("t"):
+                    consts[node.output[0]] = a.t
+    for node in proto.graph.node:
+        if node.op_type == "ConstantOfShape" and node.input and node.input[0] in consts:
+            dims = onnx.numpy_helper.to_array(consts[node.input[0]]).reshape(-1)
+            if dims.size and np.prod(dims.astype(np.float64)) > MAX_PROPAGATED_VALUES:
+                return False
+        if node.op_type == "Range" and len(node.input) == 3 and all(i in consts for i in node.input):
+            start, limit, delta = (float(onnx.numpy_helper.to_array(consts[i]).reshape(-1)[0]) for i in node.input)
+            if delta == 0 or abs((limit - start) / delta) > MAX_PROPAGATED_VALUES:
+                return False
+    return True
+
+
 def infer_shapes(model: Model) -> list[str]:
     """Annotate every variable of ``model`` with the dtype/shape onnx infers.
 
@@ -41,7 +69,9 @@ def infer_shapes(model: Model) -> list[str]:
     proto = skeleton(model)
     warnings: list[str] = []
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(
+            proto, check_type=False, strict_mode=False, data_prop=data_prop_is_safe(proto)
+        )
     except Exception as exc:  # onnx raises InferenceError and assorted C++ errors
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.append(f"shape inference failed: {msg}")

@@ -51,7 +51,10 @@ def _dtype_name(dtype: Any) -> str:
         import onnx
 
         return onnx.TensorProto.DataType.Name(dtype).lower()
-    return str(np.dtype(dtype))
+    try:
+        return str(np.dtype(dtype))
+    except TypeError:
+        return "unknown"
 
 
 def _shape(t: gs.Tensor) -> list[int | str | None] | None:
