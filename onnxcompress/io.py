@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -748,6 +750,15 @@ def _check_written(path: Path) -> None:
         ) from None
 
 
+def _owned_data_files(out: Path) -> list[Path]:
+    """External-data files named after output ``out`` (``OUT.data``, ``OUT.<8 hex>.data``)."""
+    pattern = re.compile(re.escape(out.name) + r"(\.[0-9a-f]{8})?\.data")
+    try:
+        return [p for p in out.parent.iterdir() if pattern.fullmatch(p.name) and p.is_file() and not p.is_symlink()]
+    except OSError:
+        return []
+
+
 def clean_stale_temp(folder: Path) -> None:
     """Remove temp folders left in ``folder`` by onnxcompress processes that no longer run."""
     try:
@@ -780,8 +791,9 @@ class StagedModel:
     Use :meth:`commit` to rename it into place (atomic per file) or :meth:`discard`.
     """
 
-    def __init__(self, out: Path, tmpdir: Path, files: list[str]) -> None:
+    def __init__(self, out: Path, tmpdir: Path, files: list[str], keep: tuple[Path, ...] = ()) -> None:
         self.out, self.tmpdir, self.files = out, tmpdir, files
+        self.keep = keep  # files that must survive the clean-up (the input model's data)
 
     @property
     def path(self) -> Path:
@@ -789,10 +801,19 @@ class StagedModel:
         return self.tmpdir / self.out.name
 
     def commit(self) -> Path:
-        """Rename the staged files into place: the data file first, the .onnx file last."""
+        """Rename the staged files into place: the data file first, the .onnx file last.
+
+        The data file never replaces one an existing output still reads (``stage`` picks a fresh
+        name then), so at every moment the ``.onnx`` on disk has its data; data files of earlier
+        versions of this output are deleted once the new ``.onnx`` is in place.
+        """
         for name in sorted(self.files, key=lambda n: n == self.out.name):
             os.replace(self.tmpdir / name, self.out.parent / name)
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+        for old in _owned_data_files(self.out):
+            if old.name not in self.files and not any(_same_file(old, k) for k in self.keep):
+                with contextlib.suppress(OSError):
+                    old.unlink()
         return self.out
 
     def discard(self) -> None:
@@ -828,10 +849,11 @@ def stage(
         # graphsurgeon's exporter fails on some malformed inputs that loading let through
         raise OnnxCompressError(f"cannot write {out.name}: the model cannot be exported ({exc})") from None
     data_name = out.name + ".data"
-    data_final = out.parent / data_name
+    if (out.parent / data_name).exists():
+        # An existing output (or the input) may still read OUT.data: never overwrite it in place
+        # (see StagedModel.commit).
+        data_name = f"{out.name}.{secrets.token_hex(4)}.data"
     sources = _source_files(proto)
-    if any(_same_file(data_final, s) for s in sources) or any(_same_file(data_final, Path(p)) for p in protect if p):
-        raise OnnxCompressError(f"output data file {data_final} is used by the input model: choose another output name")
     if external is None:
         from_external = isinstance(model, Model) and model.external_data
         external = from_external or _total_bytes(proto) > AUTO_EXTERNAL_BYTES
@@ -866,7 +888,8 @@ def stage(
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)
         raise
-    return StagedModel(out, tmpdir, files)
+    keep = tuple(sources) + tuple(Path(p) for p in protect if p)
+    return StagedModel(out, tmpdir, files, keep=keep)
 
 
 def save(

@@ -176,13 +176,17 @@ def test_save_refuses_symlink_output(tmp_path: Path) -> None:
     assert target.read_bytes() == b"x"
 
 
-def test_save_refuses_to_clobber_input_data_file(tmp_path: Path) -> None:
-    # The input keeps its tensors in "out.onnx.data": writing out.onnx with external data would destroy them.
+def test_save_never_clobbers_the_input_data_file(tmp_path: Path) -> None:
+    # The input keeps its tensors in "out.onnx.data", the name out.onnx would use for its own data.
     m = matmul_model()
     onnx.save_model(m, str(tmp_path / "m.onnx"), save_as_external_data=True, location="out.onnx.data", size_threshold=0)
-    model = oc.load(tmp_path / "m.onnx")
-    with pytest.raises(OnnxCompressError, match="used by the input model"):
-        oc.save(model, tmp_path / "out.onnx", external=True)
+    before = (tmp_path / "out.onnx.data").read_bytes()
+    oc.save(oc.load(tmp_path / "m.onnx"), tmp_path / "out.onnx", external=True)
+    assert (tmp_path / "out.onnx.data").read_bytes() == before
+    assert_equivalent(tmp_path / "m.onnx", tmp_path / "out.onnx", [_feed()])
+    oc.save(oc.load(tmp_path / "m.onnx"), tmp_path / "out.onnx", external=True, force=True)
+    assert (tmp_path / "out.onnx.data").read_bytes() == before
+    assert_equivalent(tmp_path / "m.onnx", tmp_path / "out.onnx", [_feed()])
 
 
 def test_no_temp_files_left_and_stale_ones_cleaned(tmp_path: Path) -> None:
@@ -242,3 +246,22 @@ def test_constant_nodes_and_metadata_survive(tmp_path: Path) -> None:
     assert saved.opset_import[0].version == 11
     x = np.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32)
     assert_equivalent(src, out, [{"x": x}])
+
+
+def test_replacing_an_external_output_never_overwrites_its_data_in_place(tmp_path: Path) -> None:
+    src = save(matmul_model(), tmp_path / "m.onnx", external=True)
+    out = tmp_path / "out.onnx"
+    oc.save(oc.load(src), out, external=True)
+    assert (tmp_path / "out.onnx.data").exists()
+    staged = io.stage(oc.load(src), out, external=True, force=True)
+    data_files = [f for f in staged.files if f != "out.onnx"]
+    assert data_files and data_files[0] != "out.onnx.data"  # a fresh name: the old model still reads out.onnx.data
+    staged.discard()  # a crash before the switch: the old output is intact
+    assert_equivalent(src, out, [_feed()])
+    oc.save(oc.load(src), out, external=True, force=True)
+    owned = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out.onnx."))
+    assert len(owned) == 1  # the earlier data file was removed after the switch
+    assert_equivalent(src, out, [_feed()])
+    oc.save(oc.load(src), out, external=True, force=True)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out.onnx.")] == ["out.onnx.data"]
+    assert_equivalent(src, out, [_feed()])
