@@ -313,11 +313,6 @@ def replace_tensor(tree: GraphTree, old: gs.Tensor, new: gs.Tensor) -> bool:
     return True
 
 
-def node_graph(tree: GraphTree, node: gs.Node) -> gs.Graph:
-    """The graph that owns ``node`` (as of when ``tree`` was built)."""
-    return tree.node_graph[id(node)]
-
-
 def detach_node(node: gs.Node) -> None:
     """Disconnect ``node`` (inputs and outputs cleared); the next ``cleanup()`` drops it."""
     node.inputs.clear()

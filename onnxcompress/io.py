@@ -918,21 +918,3 @@ def save(
     except OSError as exc:
         staged.discard()
         raise OnnxCompressError(f"cannot write {out}: {exc.strerror or exc}") from None
-
-
-@contextlib.contextmanager
-def temporary_model_path(model: Model) -> Iterator[Path]:
-    """Write ``model`` to a private temp folder and yield the path (for onnxruntime sessions)."""
-    with tempfile.TemporaryDirectory(prefix="onnxcompress-") as d:
-        staged = stage(model, Path(d) / "model.onnx")
-        yield staged.commit()
-
-
-def file_size(path: str | os.PathLike[str]) -> int:
-    """Size of a model on disk, its external-data files included."""
-    path = Path(path)
-    total = path.stat().st_size
-    proto = read_proto(path)
-    for f in _source_files(proto):
-        total += f.stat().st_size
-    return total

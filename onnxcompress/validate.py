@@ -161,12 +161,6 @@ def _clean(obj: Any) -> Any:
 # --------------------------------------------------------------------------- metrics
 
 
-def _samples(arr: np.ndarray) -> list[np.ndarray]:
-    if arr.ndim >= 2:
-        return [row.reshape(-1) for row in arr]
-    return [arr.reshape(-1)]
-
-
 def _cosines(refs: list[np.ndarray], cands: list[np.ndarray]) -> np.ndarray:
     out = []
     for a_full, b_full in zip(refs, cands):
