@@ -23,7 +23,7 @@ from . import feeds as feeds_mod
 from . import io
 from .errors import OnnxCompressError, ValidationFailed
 from .graph import Model, unsupported_ops
-from .passes.base import PassContext, PassReport
+from .passes.base import TARGETS, Params, PassContext, PassReport
 from .pipeline import Pipeline
 from .recipes import build_passes, default_tolerances
 from .validate import Tolerance, ValidationReport, compare
@@ -71,6 +71,8 @@ class CompressionReport:
     validation: ValidationReport | None
     seconds: float
     written: bool
+    target: str = "standard"
+    calibration: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -88,6 +90,8 @@ class CompressionReport:
             "validation": self.validation.to_dict() if self.validation is not None else None,
             "seconds": round(self.seconds, 3),
             "written": self.written,
+            "target": self.target,
+            "calibration": self.calibration,
         }
 
 
@@ -150,6 +154,11 @@ def compress(
     max_memory: int | None = None,
     validate: bool = True,
     progress: Callable[[str], None] | None = None,
+    calibration: str | os.PathLike[str] | None = None,
+    target: str = "standard",
+    exclude: list[str] | tuple[str, ...] = (),
+    fold: bool = True,
+    params: dict[str, str] | None = None,
 ) -> CompressionReport:
     """Compress a model file and validate the result against the original.
 
@@ -164,6 +173,12 @@ def compress(
         max_memory: Memory budget in bytes for the loader's checks.
         validate: Set False to skip validation (the model is then written unchecked).
         progress: Called with a short message as each stage starts (load, each pass, write, validate).
+        calibration: Calibration inputs (``.npz`` or a folder of them) for passes that fit to
+            activations; default: ``<stem>.calibration.npz`` (or folder) beside the model, if any.
+        target: ``standard`` (standard ONNX ops only) or ``onnxruntime`` (contrib ops allowed).
+        exclude: Node names, op types or regexes that lossy passes leave in float.
+        fold: Run the lossless ``fold`` simplifier first (unless ``techniques`` already has it).
+        params: Pass settings (``{"block_size": "64"}``); a key no pass reads is an error.
 
     Returns:
         The report. If validation fails and not ``force``, raises :class:`ValidationFailed` carrying it.
@@ -171,8 +186,13 @@ def compress(
     start = time.perf_counter()
     in_path, out_path = Path(model_path), Path(output)
     io.check_output_path(out_path, force=force, protect=(in_path,))
+    if target not in TARGETS:
+        raise OnnxCompressError(f"unknown target {target!r}: choose from {', '.join(TARGETS)}")
+    techniques = list(techniques)
+    if fold and techniques and "fold" not in techniques:
+        techniques.insert(0, "fold")
     tols = [Tolerance.parse(t) for t in (tolerances or default_tolerances(techniques))]
-    passes = build_passes(techniques)
+    passes = build_passes(techniques, Params(params))
     note = progress or (lambda _message: None)
     note(f"loading {in_path.name}")
     model = io.load(in_path, max_memory=max_memory)
@@ -180,7 +200,13 @@ def compress(
     in_size = _model_size(model)
     feed_opts = feeds or FeedOptions()
     feed_list, source, labels = resolve_feeds(model, in_path, feed_opts) if validate else ([], "none", None)
-    ctx = PassContext(feeds=feed_list)
+    calib_path = Path(calibration) if calibration is not None else feeds_mod.sidecar_calibration(in_path)
+    calib = (
+        feeds_mod.load_feeds(calib_path, feeds_mod.input_signature(model), what="calibration")
+        if calib_path is not None
+        else None
+    )
+    ctx = PassContext(feeds=feed_list, calibration=calib, target=target, exclude=tuple(exclude))
     pass_reports = Pipeline(passes, on_start=lambda p: note(f"running {p.name}")).run(model, ctx)
     note(f"writing {out_path.name}")
     staged = io.stage(model, out_path, external=external_data, force=force, protect=(in_path,))
@@ -222,6 +248,8 @@ def compress(
         validation=report_v,
         seconds=time.perf_counter() - start,
         written=write,
+        target=target,
+        calibration=str(calib_path) if calib_path is not None else None,
     )
     if report_v is not None and not report_v.passed:
         what = "written anyway (--force)" if write else "not written"

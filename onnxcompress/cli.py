@@ -21,6 +21,7 @@ from . import api
 from .errors import OnnxCompressError, ValidationFailed
 from .feeds import parse_shapes
 from .io import parse_size
+from .passes.base import Params
 from .recipes import PASSES
 from .report import to_json, write_json
 from .stats import summarize
@@ -225,14 +226,21 @@ def compress(
     model: Annotated[Path, typer.Argument(help="The .onnx model to compress (never modified).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the compressed model.")],
     fold: Annotated[
-        bool, typer.Option("--fold", help="Simplify the graph first: constant folding, fusions, dead code (lossless).")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--fold/--no-fold",
+            help="Simplify the graph (constant folding, fusions, dead code; lossless). Alone: fold only. "
+            "With other techniques it runs first by default; --no-fold skips it.",
+        ),
+    ] = None,
     quantize: Annotated[
         str | None,
         typer.Option(
             "--quantize",
             "-q",
-            help="Quantization: int8-weights (blocks of 32, dequantized at load), int8-weights-qdq (per-channel DequantizeLinear) or int8-weights-per-tensor.",
+            help="Quantization mode: int8-dynamic (integer MatMul kernels), int8-static (QDQ, needs --calibration), "
+            "int4 (block-wise; GPTQ with --calibration), fp16, bf16, auto, int8-weights (blocks of 32, "
+            "dequantized at load), int8-weights-qdq or int8-weights-per-tensor.",
         ),
     ] = None,
     technique: Annotated[
@@ -246,6 +254,37 @@ def compress(
     label_output: LabelOutputOpt = None,
     tolerance: ToleranceOpt = None,
     report: ReportOpt = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration",
+            help="Calibration inputs for int8-static / GPTQ (.npz of named inputs or a folder of them). "
+            "Default: <model>.calibration.npz beside the model. Keep it separate from the validation --inputs.",
+        ),
+    ] = None,
+    target: Annotated[
+        str,
+        typer.Option(
+            "--target",
+            help="standard: only standard ONNX ops (runs on any ONNX runtime); onnxruntime: also onnxruntime "
+            "contrib ops (MatMulNBits, GatherBlockQuantized, DynamicQuantizeMatMul, ...).",
+        ),
+    ] = "standard",
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude",
+            "--keep-float",
+            help="Leave matching nodes in float (repeatable): a node name, an op type, or a regex on node names.",
+        ),
+    ] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            help="A technique setting KEY=VALUE (repeatable), e.g. block_size=64, method=entropy; see the README.",
+        ),
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite an existing output, and write it even if validation fails.")
     ] = False,
@@ -280,6 +319,11 @@ def compress(
                 max_memory=parse_size(max_memory) if max_memory else None,
                 validate=not skip_validation,
                 progress=update,
+                calibration=calibration,
+                target=target,
+                exclude=list(exclude or []),
+                fold=fold is not False,
+                params=Params.parse(param).items,
             )
     except ValidationFailed as exc:
         failed, r = exc, exc.report

@@ -130,18 +130,21 @@ def _fmt_shape(shape: tuple[int | str | None, ...]) -> str:
     return "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
 
 
-def load_feeds(path: str | Path, signature: list[InputSpec]) -> list[dict[str, np.ndarray]]:
-    """Load feeds from a ``.npz`` file or a folder of them, checked against ``signature``."""
+def load_feeds(path: str | Path, signature: list[InputSpec], what: str = "inputs") -> list[dict[str, np.ndarray]]:
+    """Load feeds from a ``.npz`` file or a folder of them, checked against ``signature``.
+
+    ``what`` names the data in errors (``inputs`` or ``calibration``).
+    """
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
         if not files:
-            raise OnnxCompressError(f"inputs folder {path} has no .npz files")
+            raise OnnxCompressError(f"{what} folder {path} has no .npz files")
     elif path.exists():
         files = [path]
     else:
-        raise OnnxCompressError(f"inputs file not found: {path}")
-    return [check_feed(_read_npz(f), signature, f"inputs {f.name}") for f in files]
+        raise OnnxCompressError(f"{what} file not found: {path}")
+    return [check_feed(_read_npz(f), signature, f"{what} {f.name}") for f in files]
 
 
 def load_labels(path: str | Path) -> np.ndarray:
@@ -170,6 +173,15 @@ def sidecar_inputs(model_path: str | Path) -> Path | None:
     """``<stem>.inputs.npz`` or a ``<stem>.inputs/`` folder next to the model, if present."""
     p = Path(model_path)
     for cand in (p.with_name(p.stem + ".inputs.npz"), p.with_name(p.stem + ".inputs")):
+        if cand.exists():
+            return cand
+    return None
+
+
+def sidecar_calibration(model_path: str | Path) -> Path | None:
+    """``<stem>.calibration.npz`` or a ``<stem>.calibration/`` folder next to the model, if present."""
+    p = Path(model_path)
+    for cand in (p.with_name(p.stem + ".calibration.npz"), p.with_name(p.stem + ".calibration")):
         if cand.exists():
             return cand
     return None

@@ -59,12 +59,15 @@ class FixedPointPass:
         name: The recipe name (e.g. ``fold``).
         passes: The sub-passes, in order.
         max_steps: Upper bound on rounds.
+        finish: Passes run once after the last round (e.g. re-annotating shapes), only if a round
+            changed the model.
     """
 
-    def __init__(self, name: str, passes: Sequence[Pass], max_steps: int = 8) -> None:
+    def __init__(self, name: str, passes: Sequence[Pass], max_steps: int = 8, finish: Sequence[Pass] = ()) -> None:
         self.name = name
         self.passes = list(passes)
         self.max_steps = max_steps
+        self.finish = list(finish)
 
     def run(self, model: Model, ctx: PassContext) -> PassReport:
         """Run rounds of the sub-passes until none modifies the model."""
@@ -92,6 +95,12 @@ class FixedPointPass:
             report.modified |= changed
             if not changed:
                 break
+        if report.modified:
+            for p in self.finish:
+                start = time.perf_counter()
+                r = p.run(model, ctx)
+                sub.setdefault(p.name, {"seconds": 0.0})["seconds"] += time.perf_counter() - start
+                report.skipped += [item for item in r.skipped if item not in report.skipped]
         report.stats = {
             "nodes_before": nodes_before,
             "nodes_after": count_nodes(model.graph),

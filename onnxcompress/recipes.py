@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .errors import OnnxCompressError
-from .passes.base import Pass
+from .passes.base import Params, Pass
 from .passes.fold.branches import FoldIfPass
 from .passes.fold.constants import FoldConstantsPass
-from .passes.fold.dce import DeadCodePass
+from .passes.fold.dce import AnnotateShapesPass, DeadCodePass
 from .passes.fold.dedup import CommonSubexpressionPass, DedupConstantsPass
 from .passes.fold.fusions import (
     FuseBatchNormPass,
@@ -23,6 +23,7 @@ from .passes.fold.fusions import (
 )
 from .passes.fold.noops import EliminateNoOpsPass
 from .passes.quantize import Int8WeightsConfig, Int8WeightsPass
+from .passes.quantize.dynamic import Int8DynamicPass, int8_dynamic_config
 from .pipeline import FixedPointPass
 
 
@@ -43,19 +44,25 @@ def fold_pass() -> Pass:
             CommonSubexpressionPass(),
             DeadCodePass(),
         ],
+        finish=[AnnotateShapesPass()],
     )
 
 
-PASSES: dict[str, Callable[[], Pass]] = {
-    "fold": fold_pass,
+# A factory builds a pass from the ``--param KEY=VALUE`` settings (it reads the keys it knows).
+PassFactory = Callable[[Params], Pass]
+
+PASSES: dict[str, PassFactory] = {
+    "fold": lambda params: fold_pass(),
     # Blocks of 32 along K for MatMul/Gemm, per channel for Conv, per row for embeddings; dequantized
     # once at load (standard Cast/Mul/Reshape that runtimes constant-fold).
-    "int8-weights": lambda: Int8WeightsPass(Int8WeightsConfig(granularity="block")),
+    "int8-weights": lambda params: Int8WeightsPass(Int8WeightsConfig(granularity="block")),
     # Per output channel, DequantizeLinear kept at run time (int8 weights in memory).
-    "int8-weights-qdq": lambda: Int8WeightsPass(Int8WeightsConfig(form="runtime"), name="int8-weights-qdq"),
-    "int8-weights-per-tensor": lambda: Int8WeightsPass(
+    "int8-weights-qdq": lambda params: Int8WeightsPass(Int8WeightsConfig(form="runtime"), name="int8-weights-qdq"),
+    "int8-weights-per-tensor": lambda params: Int8WeightsPass(
         Int8WeightsConfig(granularity="tensor", form="runtime"), name="int8-weights-per-tensor"
     ),
+    # Dynamic activation quantization of MatMul/Gemm (integer kernels), Gather tables int8.
+    "int8-dynamic": lambda params: Int8DynamicPass(int8_dynamic_config(params)),
 }
 
 # Tolerances applied when the user gives none: the loosest that still marks a broken model.
@@ -64,21 +71,30 @@ DEFAULT_TOLERANCES: dict[str, list[str]] = {
     "int8-weights": ["cosine>=0.99", "accuracy_drop<=0.005"],
     "int8-weights-qdq": ["cosine>=0.99", "accuracy_drop<=0.005"],
     "int8-weights-per-tensor": ["cosine>=0.98", "accuracy_drop<=0.02"],
+    "int8-dynamic": ["cosine>=0.99", "accuracy_drop<=0.01"],
+    "int8-static": ["cosine>=0.99", "accuracy_drop<=0.01"],
+    "int4": ["cosine>=0.98", "accuracy_drop<=0.02"],
+    "fp16": ["cosine>=0.999", "accuracy_drop<=0.005"],
+    "bf16": ["cosine>=0.99", "accuracy_drop<=0.01"],
 }
 LOSSLESS_TOLERANCES = ["max_abs<=1e-4"]
 
 
-def build_passes(names: list[str]) -> list[Pass]:
-    """Instantiate the passes named in ``names``, in order.
+def build_passes(names: list[str], params: Params | None = None) -> list[Pass]:
+    """Instantiate the passes named in ``names``, in order, configured by ``params``.
 
     Raises:
-        OnnxCompressError: for an unknown pass name.
+        OnnxCompressError: for an unknown pass name, or a ``--param`` no pass reads.
     """
+    params = params or Params()
     passes = []
     for name in names:
         if name not in PASSES:
             raise OnnxCompressError(f"unknown technique {name!r}: choose from {', '.join(sorted(PASSES))}")
-        passes.append(PASSES[name]())
+        passes.append(PASSES[name](params))
+    unused = params.unused()
+    if unused:
+        raise OnnxCompressError(f"--param {unused[0]} is not a setting of {', '.join(names)}")
     return passes
 
 

@@ -100,7 +100,7 @@ DEFAULT_TIMEOUT = 60.0
 
 def is_lossy(pass_name: str) -> bool:
     """Lossy passes are compared with a cosine budget, lossless ones with the case's tolerance."""
-    return pass_name.startswith("int8")
+    return pass_name != "fold"
 
 
 # --------------------------------------------------------------------------------------------- cases
@@ -505,10 +505,11 @@ class _BaselineFail(Exception):
 
 
 def make_pass(name: str, config: tuple[tuple[str, Any], ...] = ()) -> Any:
-    """``PASSES[name]()``, with ``config`` overrides applied to its config dataclass where it has the field."""
+    """``PASSES[name](params)``, with ``config`` overrides applied to its config dataclass where it has the field."""
+    from onnxcompress.passes.base import Params
     from onnxcompress.recipes import PASSES
 
-    p = PASSES[name]()
+    p = PASSES[name](Params())
     cfg = getattr(p, "config", None)
     fields = {k: v for k, v in config if dataclasses.is_dataclass(cfg) and hasattr(cfg, k)}
     if fields:
@@ -523,6 +524,7 @@ def run_pass(
     import onnx
 
     import onnxcompress
+    from onnxcompress.passes.base import PassContext
 
     start = time.perf_counter()
 
@@ -536,7 +538,14 @@ def run_pass(
     except Exception as exc:  # noqa: BLE001
         return done("failed", f"load crashed: {_first_line(exc)}", "exception", trace=traceback.format_exc(limit=-4))
     try:
-        report = onnxcompress.Pipeline([make_pass(pass_name, case.config)]).run(model)[0]
+        # Passes that calibrate get the case's own input data sets (arrays only).
+        calib = [{k: v for k, v in inputs.items() if isinstance(v, np.ndarray)} for inputs, _ in data]
+        ctx = PassContext(calibration=[c for c in calib if c] or None)
+        report = onnxcompress.Pipeline([make_pass(pass_name, case.config)]).run(model, ctx)[0]
+    except onnxcompress.OnnxCompressError as exc:
+        # The pass declines the model with a one-line user error (e.g. an already quantized model):
+        # nothing written, nothing broken. ("refused" is kept for the loader refusing valid models.)
+        return done("skipped", f"pass declined: {exc}")
     except Exception as exc:  # noqa: BLE001
         return done("failed", f"pass raised {_first_line(exc)}", "exception", trace=traceback.format_exc(limit=-4))
     info = {"modified": bool(report.modified), "skipped_entries": len(report.skipped)}

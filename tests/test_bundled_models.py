@@ -43,7 +43,7 @@ def test_int8_weights_acceptance(name: str, tmp_path: Path) -> None:
     assert v.accuracy is not None and v.accuracy["original"] >= 0.95
     assert abs(v.accuracy["drop"]) <= 0.005
     assert min(d.cosine for d in v.outputs.values() if d.cosine is not None) >= 0.999
-    assert report.passes[0].stats["tensors_changed"] >= 3
+    assert report.passes[-1].stats["tensors_changed"] >= 3
 
 
 MINILM = MODELS / "cache" / "minilm" / "minilm.onnx"

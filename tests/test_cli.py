@@ -47,14 +47,38 @@ def test_compress_writes_model_and_report(capsys: pytest.CaptureFixture[str], co
     assert r["output"]["size_bytes"] == out.stat().st_size
     assert r["size_ratio"] == pytest.approx(out.stat().st_size / conv.stat().st_size, rel=1e-5)
     assert r["size_ratio"] < 0.3
-    assert r["passes"][0]["name"] == "int8-weights" and r["passes"][0]["changed"] is True
-    assert "seconds" in r["passes"][0]
+    # fold runs first by default, then the requested technique
+    assert [p["name"] for p in r["passes"]] == ["fold", "int8-weights"] and r["techniques"] == ["fold", "int8-weights"]
+    assert r["passes"][1]["changed"] is True
+    assert "seconds" in r["passes"][1]
+    assert r["target"] == "standard" and r["calibration"] is None
     assert r["validation"]["passed"] is True
     logits = r["validation"]["outputs"]["logits"]
     for key in ("max_abs", "mean_abs", "cosine", "snr_db", "top1_agreement"):
         assert isinstance(logits[key], float)
     assert r["validation"]["feeds_source"].endswith("conv.inputs.npz")
     assert "validation: passed" in stdout
+
+
+def test_no_fold_and_calibration_errors(capsys: pytest.CaptureFixture[str], conv: Path, tmp_path: Path) -> None:
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    code, _, err = cli(capsys, "compress", conv, "-o", out, "-q", "int8-weights", "--no-fold", "--report", report)
+    assert code == 0, err
+    assert [p["name"] for p in json.loads(report.read_text())["passes"]] == ["int8-weights"]
+    empty = tmp_path / "calib"
+    empty.mkdir()
+    for bad, needle in ((empty, "no .npz"), (tmp_path / "missing.npz", "not found")):
+        out2 = tmp_path / "q2.onnx"
+        code, _, err = cli(capsys, "compress", conv, "-o", out2, "-q", "int8-weights", "--calibration", bad)
+        assert code == 2 and "calibration" in err and needle in err and len(err.strip().splitlines()) == 1
+        assert not out2.exists()
+    np.savez(tmp_path / "wrong.npz", y=np.zeros((2, 3, 6, 6), np.float32))
+    code, _, err = cli(
+        capsys, "compress", conv, "-o", out2, "-q", "int8-weights", "--calibration", tmp_path / "wrong.npz"
+    )
+    assert code == 2 and "calibration" in err and not out2.exists()
+    code, _, err = cli(capsys, "compress", conv, "-o", out2, "-q", "int8-weights", "--target", "tensorrt")
+    assert code == 2 and "unknown target" in err and not out2.exists()
 
 
 def test_compress_failing_tolerance_writes_nothing(

@@ -14,7 +14,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 import onnxcompress as oc
-from onnxcompress.passes.base import PassContext
+from onnxcompress.passes.base import Params, PassContext
 from onnxcompress.passes.fold.constants import FoldConstantsPass
 from onnxcompress.passes.fold.dedup import CommonSubexpressionPass, DedupConstantsPass
 from onnxcompress.recipes import PASSES
@@ -24,7 +24,7 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 
 def _fold(src: Path, out: Path, technique: str = "fold") -> tuple[Path, oc.PassReport]:
     model = oc.load(src)
-    report = PASSES[technique]().run(model, PassContext())
+    report = PASSES[technique](Params()).run(model, PassContext())
     oc.save(model, out, force=True)
     onnx.checker.check_model(str(out), full_check=True)
     return out, report
@@ -96,7 +96,7 @@ def test_shared_weight_transpose_is_not_duplicated(tmp_path: Path) -> None:
 def test_fold_after_quantization_keeps_the_weights_int8(tmp_path: Path, technique: str) -> None:
     src = save(conv_model(), tmp_path / "c.onnx")
     model = oc.load(src)
-    PASSES[technique]().run(model, PassContext())
+    PASSES[technique](Params()).run(model, PassContext())
     q = oc.save(model, tmp_path / "q.onnx")
     out, report = _fold(q, tmp_path / "qf.onnx")
     assert out.stat().st_size <= q.stat().st_size * 1.01

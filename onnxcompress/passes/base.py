@@ -11,9 +11,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from typing import Any, Protocol
 
+from ..errors import OnnxCompressError
 from ..graph import Model, constant_bytes, count_nodes
+
+TARGETS = ("standard", "onnxruntime")
+
+
+def is_excluded(node_name: str, op_type: str, patterns: tuple[str, ...] | list[str]) -> bool:
+    """Whether a node matches an ``--exclude`` pattern: its name, its op type, or a regex on its name."""
+    for pat in patterns:
+        if pat in (node_name, op_type):
+            return True
+        try:
+            if re.fullmatch(pat, node_name or ""):
+                return True
+        except re.error:
+            continue
+    return False
 
 
 @dataclasses.dataclass
@@ -21,12 +38,21 @@ class PassContext:
     """What a pass may need besides the graph.
 
     Attributes:
-        feeds: Calibration/validation feeds (list of ``{input name: array}``), if any.
+        feeds: Validation feeds (list of ``{input name: array}``), if any. Passes must not fit
+            anything to them (they judge the result); use ``calibration``.
+        calibration: Calibration feeds (``--calibration`` or ``<model>.calibration.npz``), if any.
+        target: ``standard`` (only standard ONNX ops in the output, runs on any runtime) or
+            ``onnxruntime`` (onnxruntime contrib ops such as MatMulNBits allowed).
+        exclude: Node names, op types or regular expressions (``re.fullmatch`` on node names) that
+            lossy passes must leave in float.
         options: Free-form options shared by passes.
         log: Logger for progress messages.
     """
 
     feeds: list[dict[str, Any]] | None = None
+    calibration: list[dict[str, Any]] | None = None
+    target: str = "standard"
+    exclude: tuple[str, ...] = ()
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     log: logging.Logger = dataclasses.field(default_factory=lambda: logging.getLogger("onnxcompress"))
 
@@ -95,3 +121,73 @@ class GraphSize:
             "bytes_after": after.bytes,
             **extra,
         }
+
+
+class Params:
+    """``--param KEY=VALUE`` settings, read by pass factories with a type and a default.
+
+    Every key read is remembered so that :func:`onnxcompress.recipes.build_passes` can refuse keys no
+    pass used (a typo must not be silently ignored). Bad values raise a one-line error.
+    """
+
+    def __init__(self, items: dict[str, str] | None = None) -> None:
+        self.items = dict(items or {})
+        self.used: set[str] = set()
+
+    @classmethod
+    def parse(cls, pairs: list[str] | None) -> Params:
+        """From ``["block_size=64", ...]``."""
+        items: dict[str, str] = {}
+        for pair in pairs or []:
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip():
+                raise OnnxCompressError(f"bad --param {pair!r}: expected KEY=VALUE")
+            items[key.strip()] = value.strip()
+        return cls(items)
+
+    def _raw(self, key: str) -> str | None:
+        self.used.add(key)
+        return self.items.get(key)
+
+    def get_str(self, key: str, default: str, choices: tuple[str, ...] | None = None) -> str:
+        """A string setting, optionally one of ``choices``."""
+        raw = self._raw(key)
+        value = default if raw is None else raw
+        if choices is not None and value not in choices:
+            raise OnnxCompressError(f"--param {key}={value}: choose from {', '.join(choices)}")
+        return value
+
+    def get_int(self, key: str, default: int, choices: tuple[int, ...] | None = None) -> int:
+        """An integer setting, optionally one of ``choices``."""
+        raw = self._raw(key)
+        try:
+            value = default if raw is None else int(raw)
+        except ValueError:
+            raise OnnxCompressError(f"--param {key}={raw}: expected an integer") from None
+        if choices is not None and value not in choices:
+            raise OnnxCompressError(f"--param {key}={value}: choose from {', '.join(map(str, choices))}")
+        return value
+
+    def get_float(self, key: str, default: float) -> float:
+        """A float setting."""
+        raw = self._raw(key)
+        try:
+            return default if raw is None else float(raw)
+        except ValueError:
+            raise OnnxCompressError(f"--param {key}={raw}: expected a number") from None
+
+    def get_bool(self, key: str, default: bool) -> bool:
+        """A boolean setting (true/false, yes/no, on/off, 1/0)."""
+        raw = self._raw(key)
+        if raw is None:
+            return default
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise OnnxCompressError(f"--param {key}={raw}: expected true or false")
+
+    def unused(self) -> list[str]:
+        """Keys given but never read."""
+        return sorted(set(self.items) - self.used)

@@ -1,9 +1,10 @@
 """Dead-code elimination and a stable topological order.
 
 Nodes, constants and graph-internal tensors that no graph output depends on are removed (in every
-subgraph too); the inferred shape annotations of intermediate tensors are dropped so the written
-model carries no stale ``value_info`` (graph inputs and outputs keep theirs); nodes are put in a
-topological order. Graph inputs are kept even when unused: they are the model's interface.
+subgraph too); nodes are put in a topological order. Shape annotations are kept: the lossless passes
+never change the value of a surviving tensor, so its annotated dtype and shape stay true, and the
+exporter's symbolic names (``batch``, ``sequence``) are what onnxruntime's fusions match on
+(``strip_value_info`` drops them). ``AnnotateShapesPass`` fills in the tensors that fold created. Graph inputs are kept even when unused: they are the model's interface.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import onnx_graphsurgeon as gs
 
 from ...graph import Model, iter_graphs
+from ...shapes import infer_shapes
 from ..base import GraphSize, PassContext, PassReport
 
 
@@ -24,7 +26,7 @@ class DeadCodeConfig:
         strip_value_info: Drop shape annotations of intermediate tensors.
     """
 
-    strip_value_info: bool = True
+    strip_value_info: bool = False
 
 
 class DeadCodePass:
@@ -50,4 +52,22 @@ class DeadCodePass:
                             t.dtype, t.shape = None, None
         report.stats = before.stats(model)
         report.modified = report.stats["nodes_after"] != before.nodes or report.stats["bytes_after"] != before.bytes
+        return report
+
+
+class AnnotateShapesPass:
+    """Re-run shape inference so every intermediate tensor carries its dtype and shape again.
+
+    Dead-code elimination drops stale annotations; runtimes need fresh ones: onnxruntime's
+    fusions (``SkipLayerNormalization``, attention) only match where shapes are known, so a
+    simplified model without them would run *slower* than its source. Failures only warn.
+    """
+
+    name = "annotate-shapes"
+
+    def run(self, model: Model, ctx: PassContext) -> PassReport:
+        """Annotate ``model`` in place (the graph's structure is unchanged)."""
+        report = PassReport(self.name)
+        for warning in infer_shapes(model):
+            report.skipped.append(("*", warning))
         return report

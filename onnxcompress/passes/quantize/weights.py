@@ -55,7 +55,8 @@ from ...graph import (
     fresh_name,
     iter_nodes,
 )
-from ..base import GraphSize, PassContext, PassReport
+from ..base import GraphSize, PassContext, PassReport, is_excluded
+from ._common import refuse_quantized
 from ._math import quantize_symmetric, symmetric_scales
 
 QMAX = 127
@@ -128,12 +129,18 @@ class Int8WeightsPass:
         if name:
             self.name = name
 
-    def run(self, model: Model, ctx: PassContext) -> PassReport:
-        """Quantize the weights of the target ops in every graph of ``model``."""
+    def run(self, model: Model, ctx: PassContext, *, check_quantized: bool = True) -> PassReport:
+        """Quantize the weights of the target ops in every graph of ``model``.
+
+        ``check_quantized=False`` lets another quantization pass reuse this one on a model it has
+        already partly quantized.
+        """
+        if check_quantized:
+            refuse_quantized(model, self.name)
         cfg = self.config
         report = PassReport(self.name)
         before = GraphSize.of(model)
-        weights = self._collect(model, report)
+        weights = self._collect(model, report, ctx.exclude)
         tree = GraphTree(model.graph) if weights else None
         names = all_tensor_names(model.graph) if weights else set()
         changed = 0
@@ -160,15 +167,17 @@ class Int8WeightsPass:
         report.stats = before.stats(model, changed > 0, tensors_changed=changed, forms=forms)
         return report
 
-    def _collect(self, model: Model, report: PassReport) -> dict[int, tuple[gs.Tensor, list[_Slot]]]:
+    def _collect(
+        self, model: Model, report: PassReport, exclude: tuple[str, ...] = ()
+    ) -> dict[int, tuple[gs.Tensor, list[_Slot]]]:
         """Weights of target nodes, with what each consumer wants of them."""
         cfg = self.config
         weights: dict[int, tuple[gs.Tensor, list[_Slot]]] = {}
         for _, node in iter_nodes(model.graph):
             if node.op not in cfg.op_types or node.domain not in ("", "ai.onnx", None):
                 continue
-            if node.name in cfg.exclude:
-                report.skipped.append((node.name, "excluded by configuration"))
+            if node.name in cfg.exclude or is_excluded(node.name, node.op, exclude):
+                report.skipped.append((node.name or node.op, "excluded by configuration"))
                 continue
             slots = _weight_slots(node)
             found = False

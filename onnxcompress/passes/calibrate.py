@@ -1,0 +1,105 @@
+"""Calibration: run a model in onnxruntime and read intermediate activations.
+
+Passes that need activations (static quantization ranges, GPTQ Hessians, bias correction, layer-wise
+reconstruction) open an :class:`ActivationTap` on the model as it is *now* (with any rewrites done
+so far), naming the main-graph tensors they want. The tap writes a scratch copy of the model with
+those tensors added as graph outputs and keeps one onnxruntime session open; ``run(feed)`` returns
+the tensors for one feed. Feeds are streamed one at a time, so memory holds one feed's activations,
+never the whole calibration set's.
+
+Tensors produced inside ``If``/``Loop``/``Scan`` bodies cannot be graph outputs; asking for one is
+an error (:meth:`ActivationTap.available` tells which names can be tapped).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..errors import OnnxCompressError
+from ..graph import Model
+from ..io import export_model, stage
+from ..validate import make_session
+
+
+def tappable(model: Model) -> set[str]:
+    """Names of main-graph tensors that an :class:`ActivationTap` can read (not constants)."""
+    names = {t.name for t in model.graph.inputs}
+    for node in model.graph.nodes:
+        names.update(t.name for t in node.outputs if t.name)
+    return names
+
+
+class ActivationTap:
+    """An onnxruntime session on ``model`` that also returns the tensors ``names``.
+
+    Use as a context manager (the scratch copy is removed on exit)::
+
+        with ActivationTap(model, ["conv1_out"]) as tap:
+            for feed in feeds:
+                acts = tap.run(feed)  # {"conv1_out": array, ...}
+    """
+
+    def __init__(self, model: Model, names: Sequence[str], *, threads: int = 0) -> None:
+        wanted = list(dict.fromkeys(names))
+        unknown = [n for n in wanted if n not in tappable(model)]
+        if unknown:
+            raise OnnxCompressError(f"calibration: tensor {unknown[0]!r} is not an activation of the main graph")
+        proto = export_model(model, type_check=False)
+        existing = {o.name for o in proto.graph.output}
+        self.outputs = [o.name for o in proto.graph.output]
+        for name in wanted:
+            if name not in existing:
+                # No type: onnxruntime infers it (shape inference may not know every tensor).
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+        self.names = wanted
+        self._dir = Path(tempfile.mkdtemp(prefix="onnxcompress-calib-"))
+        try:
+            staged = stage(proto, self._dir / "tap.onnx", check=False)
+            del proto
+            path = staged.commit()
+            self._session = make_session(path, threads=threads)
+        except BaseException:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The tapped tensors for one feed."""
+        try:
+            values = self._session.run(self.names, feed)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OnnxCompressError(f"calibration: onnxruntime failed to run the model: {first[:300]}") from None
+        return dict(zip(self.names, values))
+
+    def iterate(self, feeds: Sequence[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        """``run`` over each feed in turn."""
+        for feed in feeds:
+            yield self.run(feed)
+
+    def close(self) -> None:
+        """Drop the session and the scratch copy."""
+        self._session = None
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> ActivationTap:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def require_calibration(feeds: list[dict[str, np.ndarray]] | None, technique: str) -> list[dict[str, np.ndarray]]:
+    """The calibration feeds, or a clear error naming how to provide them."""
+    if not feeds:
+        raise OnnxCompressError(
+            f"{technique} needs calibration data: pass --calibration DATA (a .npz of named inputs or a folder "
+            "of them) or put <model>.calibration.npz beside the model"
+        )
+    return feeds
