@@ -23,7 +23,10 @@ from .passes.fold.fusions import (
 )
 from .passes.fold.noops import EliminateNoOpsPass
 from .passes.quantize import Int8WeightsConfig, Int8WeightsPass
+from .passes.quantize.auto import AutoPass, auto_config
 from .passes.quantize.dynamic import Int8DynamicPass, int8_dynamic_config
+from .passes.quantize.float16 import FloatPass, float_config
+from .passes.quantize.static import Int8StaticPass, int8_static_config
 from .pipeline import FixedPointPass
 
 
@@ -63,6 +66,13 @@ PASSES: dict[str, PassFactory] = {
     ),
     # Dynamic activation quantization of MatMul/Gemm (integer kernels), Gather tables int8.
     "int8-dynamic": lambda params: Int8DynamicPass(int8_dynamic_config(params)),
+    # QDQ with calibration (MinMax / Percentile / Entropy / MSE ranges).
+    "int8-static": lambda params: Int8StaticPass(int8_static_config(params)),
+    "fp16": lambda params: FloatPass(float_config(params, "float16")),
+    "bf16": lambda params: FloatPass(float_config(params, "bfloat16")),
+    # int8-static for convolution-dominated graphs (int8-weights without calibration), int8-dynamic
+    # for MatMul-dominated ones; falls back to int8-weights when the result measures slower.
+    "auto": lambda params: AutoPass(auto_config(params)),
 }
 
 # Tolerances applied when the user gives none: the loosest that still marks a broken model.
@@ -75,7 +85,8 @@ DEFAULT_TOLERANCES: dict[str, list[str]] = {
     "int8-static": ["cosine>=0.99", "accuracy_drop<=0.01"],
     "int4": ["cosine>=0.98", "accuracy_drop<=0.02"],
     "fp16": ["cosine>=0.999", "accuracy_drop<=0.005"],
-    "bf16": ["cosine>=0.99", "accuracy_drop<=0.01"],
+    "bf16": ["cosine>=0.995", "accuracy_drop<=0.01"],
+    "auto": ["cosine>=0.99", "accuracy_drop<=0.01"],
 }
 LOSSLESS_TOLERANCES = ["max_abs<=1e-4"]
 

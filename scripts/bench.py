@@ -287,6 +287,11 @@ def probe_anchor_python(python: str) -> dict[str, Any]:
         "    out['matmul_nbits'] = None\n"
         "except Exception as e:\n"
         "    out['matmul_nbits'] = f'{type(e).__name__}: {e}'\n"
+        "try:\n"
+        "    from onnxconverter_common import float16\n"
+        "    out['float16'] = None\n"
+        "except Exception as e:\n"
+        "    out['float16'] = f'{type(e).__name__}: {e}'\n"
         "print(json.dumps(out))\n"
     )
     try:
@@ -294,9 +299,20 @@ def probe_anchor_python(python: str) -> dict[str, Any]:
         info = json.loads(proc.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
         msg = f"cannot run {python}: {exc}"
-        info = {"quantize_dynamic": msg, "matmul_nbits": msg}
+        info = {"quantize_dynamic": msg, "matmul_nbits": msg, "float16": msg}
     info["python"] = python
     return info
+
+
+# Extra onnxcompress rows: a technique with another target or settings ({label: (technique, params)}).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "int8-dynamic@ort": ("int8-dynamic", {"target": "onnxruntime"}),
+    "int8-dynamic/row": ("int8-dynamic", {"params": {"activations": "row"}}),
+    "int8-dynamic/row-nosmooth": ("int8-dynamic", {"params": {"activations": "row", "smooth": "0"}}),
+    "int8-dynamic/tensor-nosmooth": ("int8-dynamic", {"params": {"activations": "tensor", "smooth": "0"}}),
+    "int4-rtn": ("int4", {"params": {"method": "rtn"}}),
+    "int4@ort": ("int4", {"target": "onnxruntime"}),
+}
 
 
 def select_tools(args: argparse.Namespace, anchor_env: dict[str, Any] | None, notes: list[str]) -> list[ToolSpec]:
@@ -304,10 +320,19 @@ def select_tools(args: argparse.Namespace, anchor_env: dict[str, Any] | None, no
     from onnxcompress.recipes import PASSES
 
     names = args.technique or list(PASSES)
+    names = [n for n in names if n not in VARIANTS] + [VARIANTS[n][0] for n in names if n in VARIANTS]
+    names = list(dict.fromkeys(names))
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise SystemExit(f"unknown technique(s) {unknown}; choose from {', '.join(PASSES)}")
     tools = [ToolSpec(n, "onnxcompress", "onnxcompress", {"technique": n}, n, sys.executable) for n in names]
+    for label, (technique, extra) in VARIANTS.items():
+        if technique in names and (args.technique is None or label in args.technique or technique in args.technique):
+            tools.append(
+                ToolSpec(
+                    label, "onnxcompress", "onnxcompress", {"technique": technique, **extra}, technique, sys.executable
+                )
+            )
     if anchor_env is None:
         return tools
     anchors = anchor_specs(anchor_env["python"])
@@ -316,7 +341,13 @@ def select_tools(args: argparse.Namespace, anchor_env: dict[str, Any] | None, no
         if bad:
             raise SystemExit(f"unknown anchor(s) {bad}; choose from {', '.join(t.name for t in anchors)}")
         anchors = [t for t in anchors if t.name in args.anchor]
-    for worker, key in (("ort-dynamic", "quantize_dynamic"), ("ort-nbits", "matmul_nbits")):
+    checks = (
+        ("ort-dynamic", "quantize_dynamic"),
+        ("ort-static", "quantize_dynamic"),
+        ("ort-nbits", "matmul_nbits"),
+        ("ort-fp16", "float16"),
+    )
+    for worker, key in checks:
         why = anchor_env.get(key)
         chosen = [t for t in anchors if t.worker == worker]
         if why and chosen:
@@ -353,9 +384,19 @@ def anchor_specs(python: str) -> list[ToolSpec]:
             "anchor",
             "ort-nbits",
             {"bits": 4, "block_size": 32, "symmetric": False},
-            "int8-weights-per-tensor",
+            "int4",
             python,
         ),
+        ToolSpec(
+            "ort-nbits4-b32-gather",
+            "anchor",
+            "ort-nbits",
+            {"bits": 4, "block_size": 32, "symmetric": False, "gather": True},
+            "int4",
+            python,
+        ),
+        ToolSpec("ort-static-qdq", "anchor", "ort-static", {}, "int8-static", python),
+        ToolSpec("ort-fp16", "anchor", "ort-fp16", {}, "fp16", python),
     ]
 
 
@@ -389,7 +430,15 @@ def _work_onnxcompress(model: str, output: str, params: dict[str, Any]) -> dict[
     rss_import = _peak_rss_bytes(resource.RUSAGE_SELF)
     start = time.perf_counter()
     try:
-        report = oc.compress(model, output, [params["technique"]], feeds=feed_opts, force=True)
+        report = oc.compress(
+            model,
+            output,
+            [params["technique"]],
+            feeds=feed_opts,
+            force=True,
+            target=params.get("target", "standard"),
+            params=params.get("params"),
+        )
         validation_failed = False
     except oc.ValidationFailed as exc:
         report, validation_failed = exc.report, True
@@ -435,10 +484,70 @@ def _work_ort_nbits(model: str, output: str, params: dict[str, Any]) -> dict[str
     rss_import = _peak_rss_bytes(resource.RUSAGE_SELF)
     start = time.perf_counter()
     bits, block, sym = int(params["bits"]), int(params["block_size"]), bool(params["symmetric"])
-    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=sym, bits=bits)
-    quant = MatMulNBitsQuantizer(onnx.load(model), bits=bits, block_size=block, is_symmetric=sym, algo_config=config)
+    # "gather": embeddings too (Gather -> GatherBlockQuantized, blocks along the hidden axis).
+    ops = {"op_types_to_quantize": ("MatMul", "Gather"), "quant_axes": (("MatMul", 0), ("Gather", 1))}
+    extra = ops if params.get("gather") else {}
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=sym, bits=bits, **extra)
+    quant = MatMulNBitsQuantizer(
+        onnx.load(model), bits=bits, block_size=block, is_symmetric=sym, algo_config=config, **extra
+    )
     quant.process()
     quant.model.save_model_to_file(output, _total_size(Path(model)) > EXTERNAL_DATA_BYTES)
+    return {"seconds": time.perf_counter() - start, "rss_after_import": rss_import}
+
+
+def _calibration_feeds(model: str, rows: int = 32) -> list[dict[str, Any]]:
+    """The model's ``<stem>.calibration.npz`` sidecar, cut into feeds of ``rows`` samples."""
+    import numpy as np
+
+    path = Path(model).with_name(Path(model).stem + ".calibration.npz")
+    if not path.exists():
+        raise RuntimeError(f"no calibration data ({path.name}) for the static anchor")
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    total = min(a.shape[0] for a in arrays.values())
+    return [{k: a[i : i + rows] for k, a in arrays.items()} for i in range(0, total, rows)]
+
+
+def _work_ort_static(model: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``quantize_static(QDQ, per_channel=True, MinMax)`` on the model's calibration sidecar."""
+    import logging
+
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, quantize_static
+
+    logging.getLogger().setLevel(logging.WARNING)
+    feeds = _calibration_feeds(model)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(feeds)
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.it, None)
+
+    rss_import = _peak_rss_bytes(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    quantize_static(
+        model,
+        output,
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        calibrate_method=CalibrationMethod.MinMax,
+        use_external_data_format=_total_size(Path(model)) > EXTERNAL_DATA_BYTES,
+    )
+    return {"seconds": time.perf_counter() - start, "rss_after_import": rss_import}
+
+
+def _work_ort_fp16(model: str, output: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``onnxconverter_common.float16.convert_float_to_float16(keep_io_types=True)``."""
+    import onnx
+    from onnxconverter_common import float16
+
+    rss_import = _peak_rss_bytes(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    converted = float16.convert_float_to_float16(onnx.load(model), keep_io_types=True)
+    _save_proto(converted, output)
     return {"seconds": time.perf_counter() - start, "rss_after_import": rss_import}
 
 
@@ -565,6 +674,8 @@ WORKERS: dict[str, Callable[[str, str, dict[str, Any]], dict[str, Any]]] = {
     "onnxcompress": _work_onnxcompress,
     "ort-dynamic": _work_ort_dynamic,
     "ort-nbits": _work_ort_nbits,
+    "ort-static": _work_ort_static,
+    "ort-fp16": _work_ort_fp16,
     "big-build": _work_big_build,
     "big-roundtrip": _work_big_roundtrip,
     "fold-compress": _work_fold_compress,

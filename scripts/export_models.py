@@ -19,13 +19,28 @@ checked in onnxruntime:
     [batch, sequence]; outputs ``logits`` float32 [batch, 4] and
     ``last_hidden_state`` float32 [batch, sequence, 128].
 
+``resnet_cnn``
+    PyTorch ResNet-style CNN, randomly initialised (not trained): a stem
+    Conv+BatchNorm+ReLU, three residual blocks (32, 64 and 128 channels, the
+    last two with stride 2 and a 1x1 projection shortcut), global average
+    pooling and a Linear head. The BatchNorm running statistics are set from
+    noise images so that activations have realistic ranges. Input ``input``
+    float32 [N, 3, 32, 32]; output ``logits`` float32 [N, 10]; no labels.
+    It gives the static quantizer residual Adds and a GlobalAveragePool to place.
+
 Next to each ``<stem>.onnx`` the script writes the sidecars that onnxcompress
 discovers automatically: ``<stem>.inputs.npz`` (one feed, keys = graph input
-names, samples batched along axis 0) and ``<stem>.labels.npy`` (int64 labels).
+names, samples batched along axis 0), ``<stem>.labels.npy`` (int64 labels) and
+``<stem>.calibration.npz`` (one feed of calibration inputs for int8-static and
+GPTQ, disjoint from the held-out inputs: drawn from the digits training split,
+or generated with another seed).
 
 Everything is seeded; running the script again reproduces the models. Usage::
 
     python scripts/export_models.py [--out models/] [--only digits_cnn]
+
+The calibration sidecars do not change the models: they are drawn after
+training, from data the models already use.
 
 This is a development tool that needs the ``export`` extra (torch, tensorflow,
 tf2onnx, onnxscript, scikit-learn); the onnxcompress package never imports it.
@@ -60,6 +75,11 @@ OPSET = 18
 DIGITS_TEST_SIZE = 0.2
 MIN_DIGITS_ACCURACY = 0.95
 MIN_TRANSFORMER_ACCURACY = 0.95
+# Calibration sets: samples of the digits training split, generated transformer sequences, noise images.
+DIGITS_CALIBRATION = 512
+TRANSFORMER_CALIBRATION = 128
+RESNET_INPUTS = 48
+RESNET_CALIBRATION = 96
 # Largest |framework - onnxruntime| difference tolerated on any output.
 MAX_ABS_DIFF = 1e-3
 
@@ -200,6 +220,19 @@ def save_sidecars(out_dir: Path, stem: str, feeds: Mapping[str, np.ndarray], lab
     return paths
 
 
+def save_calibration(out_dir: Path, stem: str, feeds: Mapping[str, np.ndarray]) -> Path:
+    """Write ``<stem>.calibration.npz`` (one feed, samples batched along axis 0)."""
+    path = out_dir / f"{stem}.calibration.npz"
+    np.savez_compressed(path, **dict(feeds))
+    return path
+
+
+def digits_calibration(x_train: np.ndarray) -> np.ndarray:
+    """A fixed, seeded sample of ``DIGITS_CALIBRATION`` training images (never the held-out ones)."""
+    rng = np.random.default_rng(SEED + 10)
+    return x_train[np.sort(rng.choice(len(x_train), DIGITS_CALIBRATION, replace=False))]
+
+
 def torch_to_onnx(
     module: nn.Module,
     example_inputs: tuple[torch.Tensor, ...],
@@ -332,6 +365,8 @@ def build_digits_cnn(out_dir: Path) -> ExportSummary:
     feeds = {"input": test_input}
     onnx_logits = check_and_run(path, feeds)["logits"]
     files = [path, *save_sidecars(out_dir, "digits_cnn", feeds, y_test)]
+    calib = {"input": digits_calibration(x_train)[:, None].astype(np.float32)}
+    files.append(save_calibration(out_dir, "digits_cnn", calib))
     return _summarize("digits_cnn", torch_logits, onnx_logits, y_test, start, files)
 
 
@@ -390,6 +425,8 @@ def build_digits_keras(out_dir: Path) -> ExportSummary:
     feeds = {input_name: test_input}
     onnx_logits = check_and_run(path, feeds)["logits"]
     files = [path, *save_sidecars(out_dir, "digits_keras", feeds, y_test)]
+    calib = {input_name: digits_calibration(x_train)[..., None].astype(np.float32)}
+    files.append(save_calibration(out_dir, "digits_keras", calib))
     return _summarize("digits_keras", keras_logits, onnx_logits, y_test, start, files)
 
 
@@ -585,6 +622,13 @@ def build_tiny_transformer(out_dir: Path) -> ExportSummary:
         raise RuntimeError(f"tiny_transformer: last_hidden_state differs by {hidden_diff}")
     _check_other_shapes(path, model, vocab_size, shapes=((3, 7), (5, 33)))
     files = [path, *save_sidecars(out_dir, "tiny_transformer", feeds, test_labels)]
+    # Calibration: the same task drawn with another seed, without any held-out or training sequence.
+    seen = {row.tobytes() for row in np.concatenate([train_ids, test_ids])}
+    calib_rng = np.random.default_rng(SEED + 20)
+    calib_ids, calib_mask, _ = make_token_range_task(calib_rng, 2 * TRANSFORMER_CALIBRATION, seq_len, **task)
+    fresh = np.array([row.tobytes() not in seen for row in calib_ids])
+    calib_ids, calib_mask = calib_ids[fresh][:TRANSFORMER_CALIBRATION], calib_mask[fresh][:TRANSFORMER_CALIBRATION]
+    files.append(save_calibration(out_dir, "tiny_transformer", {"input_ids": calib_ids, "attention_mask": calib_mask}))
     return _summarize(
         "tiny_transformer",
         torch_logits.numpy(),
@@ -614,6 +658,126 @@ def _check_other_shapes(path: Path, model: nn.Module, vocab_size: int, shapes: t
         if diff > MAX_ABS_DIFF:
             raise RuntimeError(f"tiny_transformer: batch {batch} x sequence {seq} differs by {diff}")
         print(f"  tiny_transformer runs at batch {batch} x sequence {seq}: max |logit diff| {diff:.2e}")
+
+
+# --------------------------------------------------------------------------- ResNet-style CNN
+
+
+class ResidualBlock(nn.Module):
+    """Conv-BN-ReLU-Conv-BN plus the shortcut (a 1x1 Conv-BN projection when the shape changes), then ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+class ResNetCNN(nn.Module):
+    """Stem, four residual blocks (32, 32, 64/2, 128/2 channels), global average pool, Linear head.
+
+    About 0.5M parameters (~2 MB float32).
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.blocks = nn.Sequential(
+            ResidualBlock(32, 32, 1), ResidualBlock(32, 32, 1), ResidualBlock(32, 64, 2), ResidualBlock(64, 128, 2)
+        )
+        self.head = nn.Linear(128, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(images))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _global_average_pool(path: Path) -> None:
+    """Write ``ReduceMean(x, axes=[2, 3], keepdims=1)`` on 4-D ``x`` as ``GlobalAveragePool`` (the same
+    maths; the exporter lowers ``adaptive_avg_pool2d(x, 1)`` to ReduceMean)."""
+    model = onnx.load(str(path))
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    for node in model.graph.node:
+        if node.op_type != "ReduceMean" or len(node.input) != 2:
+            continue
+        keepdims = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+        axes = consts.get(node.input[1])
+        if keepdims == 1 and axes is not None and sorted(int(a) % 4 for a in axes.ravel()) == [2, 3]:
+            node.op_type = "GlobalAveragePool"
+            del node.input[1:]
+            del node.attribute[:]
+    used = {name for node in model.graph.node for name in node.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    onnx.save_model(model, str(path), save_as_external_data=False)
+
+
+def noise_images(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Images with some spatial structure: smooth noise (4x4 upsampled to 32x32) plus pixel noise.
+
+    Pixels are rounded to steps of 1/16 (like 8-bit images), which also keeps the sidecars small.
+    """
+    coarse = rng.standard_normal((count, 3, 4, 4)).astype(np.float32)
+    smooth = np.repeat(np.repeat(coarse, 8, axis=2), 8, axis=3)
+    pixels = smooth + 0.5 * rng.standard_normal((count, 3, 32, 32))
+    return (np.round(pixels * 16) / 16).astype(np.float32)
+
+
+def build_resnet_cnn(out_dir: Path) -> ExportSummary:
+    """Initialise the ResNet-style CNN (random weights, BatchNorm statistics from noise) and export it."""
+    start = time.perf_counter()
+    torch.manual_seed(SEED)
+    rng = np.random.default_rng(SEED + 30)
+    model = ResNetCNN()
+    # Cumulative BatchNorm statistics over noise batches, so that each BatchNorm normalises its input.
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.2, 0.2)
+    model.train()
+    with torch.no_grad():
+        for _ in range(8):
+            model(torch.from_numpy(noise_images(rng, 64)))
+    model.eval()
+    test_input = noise_images(rng, RESNET_INPUTS)
+    calib_input = noise_images(rng, RESNET_CALIBRATION)
+    with torch.no_grad():
+        torch_logits = model(torch.from_numpy(test_input)).numpy()
+    path = out_dir / "resnet_cnn.onnx"
+    torch_to_onnx(
+        model,
+        (torch.from_numpy(test_input[:4]),),
+        path,
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+        fuse_batchnorm=False,
+        doc="ResNet-style CNN, random weights (32x32x3 noise images); built by scripts/export_models.py.",
+    )
+    _global_average_pool(path)
+    feeds = {"input": test_input}
+    onnx_logits = check_and_run(path, feeds)["logits"]
+    diff = float(np.max(np.abs(torch_logits - onnx_logits)))
+    if diff > MAX_ABS_DIFF:
+        raise RuntimeError(f"resnet_cnn: onnxruntime logits differ from torch by {diff}")
+    files = [path, *save_sidecars(out_dir, "resnet_cnn", feeds, None)]
+    files.append(save_calibration(out_dir, "resnet_cnn", {"input": calib_input}))
+    # No labels: "accuracy" is the agreement of the torch and onnxruntime top-1.
+    agree = float(np.mean(torch_logits.argmax(1) == onnx_logits.argmax(1)))
+    return ExportSummary("resnet_cnn", agree, agree, diff, time.perf_counter() - start, files)
 
 
 # --------------------------------------------------------------------------- driver
@@ -646,6 +810,7 @@ BUILDERS: dict[str, Callable[[Path], ExportSummary]] = {
     "digits_cnn": build_digits_cnn,
     "digits_keras": build_digits_keras,
     "tiny_transformer": build_tiny_transformer,
+    "resnet_cnn": build_resnet_cnn,
 }
 
 

@@ -57,6 +57,7 @@ class Int8DynamicConfig:
 
     min_elements: int = 4096
     activations: str = "tensor"
+    smooth: float = 0.5
     attention: bool = False
     conv: str = "weights"
     embeddings: bool = True
@@ -66,7 +67,8 @@ def int8_dynamic_config(params: Params) -> Int8DynamicConfig:
     """The config from ``--param`` settings."""
     return Int8DynamicConfig(
         min_elements=params.get_int("min_elements", Int8DynamicConfig.min_elements),
-        activations=params.get_str("activations", "tensor", ("tensor", "row")),
+        activations=params.get_str("activations", "tensor", ("tensor", "row", "auto")),
+        smooth=params.get_float("smooth", Int8DynamicConfig.smooth),
         attention=params.get_bool("attention", False),
         conv=params.get_str("conv", "weights", ("weights", "float")),
         embeddings=params.get_bool("embeddings", True),
@@ -92,6 +94,8 @@ class Int8DynamicPass:
         refuse_quantized(model, self.name)
         cfg = self.config
         self._opset = model.opset
+        self._ranges: dict[str, tuple[float, float]] = {}
+        self._chan_min: dict[str, np.ndarray] = {}
         report = PassReport(self.name)
         before = GraphSize.of(model)
         ops: dict[str, int] = {}
@@ -101,6 +105,9 @@ class Int8DynamicPass:
         else:
             names = all_tensor_names(model.graph)
             weights: dict[int, _Weight] = {}
+            if cfg.smooth > 0 and ctx.calibration:
+                smoothed = self._smooth(model, ctx, names)
+                report.stats["smoothed_activations"] = smoothed
             for graph in list(iter_graphs(model.graph)):
                 quantized_acts: dict[int, tuple[gs.Tensor, gs.Tensor, gs.Tensor]] = {}
                 for node in list(graph.nodes):
@@ -140,6 +147,86 @@ class Int8DynamicPass:
             model, report.modified, nodes_quantized=ops, layers=layers, nonstandard_ops=nonstandard
         )
         return report
+
+    def _smooth(self, model: Model, ctx: PassContext, names: set[str]) -> int:
+        """SmoothQuant-style migration of activation outliers into the weights (calibrated).
+
+        For each activation ``A`` read by quantizable MatMuls of the main graph, with per-channel
+        ranges ``a_k = max |A[..., k]|`` over the calibration feeds and ``w_k = max_n |W[k, n]|`` over
+        its consumers, ``s_k = a_k**alpha / w_k**(1 - alpha)``; ``A`` is divided by ``s`` (one Mul
+        before the quantizer) and each weight's row ``k`` multiplied by ``s_k`` -- the product is
+        unchanged, but the channels that dominate the per-tensor activation range shrink.
+        """
+        alpha = self.config.smooth
+        groups: dict[int, tuple[gs.Tensor, list[gs.Node]]] = {}
+        for node in model.graph.nodes:
+            if self._eligible(node, ctx) is None and constant_meta(node.inputs[1]) is not None:
+                a = node.inputs[0]
+                groups.setdefault(id(a), (a, []))[1].append(node)
+        groups = {k: v for k, v in groups.items() if v[0].name}
+        if not groups:
+            return 0
+        from ..calibrate import ActivationTap
+
+        amax: dict[str, np.ndarray] = {}
+        with ActivationTap(model, [a.name for a, _ in groups.values()]) as tap:
+            for acts in tap.iterate(ctx.calibration or []):
+                for name, value in acts.items():
+                    if not value.size:
+                        continue
+                    v = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+                    amax[name] = v if name not in amax else np.maximum(amax[name], v)
+                    cmin = value.reshape(-1, value.shape[-1]).min(axis=0)
+                    self._chan_min[name] = (
+                        cmin if name not in self._chan_min else np.minimum(self._chan_min[name], cmin)
+                    )
+                    lo, hi = float(value.min()), float(value.max())
+                    old = self._ranges.get(name, (lo, hi))
+                    self._ranges[name] = (min(lo, old[0]), max(hi, old[1]))
+        done = 0
+        for a, consumers in groups.values():
+            if a.name not in amax:
+                continue
+            mats = []
+            for node in consumers:
+                w = constant_value(node.inputs[1], cache=False)
+                trans = node.op == "Gemm" and int(node.attrs.get("transB", 0))
+                mats.append(w.T if trans else w)
+            if any(m.shape[0] != amax[a.name].shape[0] for m in mats):
+                continue
+            w_max = np.max([np.abs(m).max(axis=1) for m in mats], axis=0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                scale = np.power(amax[a.name], alpha) / np.power(w_max, 1.0 - alpha)
+            scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+            scale = np.clip(scale, 1e-4, 1e4).astype(np.float32)
+            inv = gs.Constant(fresh_name(names, f"{a.name}_smooth"), (1.0 / scale).astype(np.float32))
+            smooth_out = gs.Variable(fresh_name(names, f"{a.name}_smoothed"), dtype=np.float32)
+            if a.name in self._ranges:  # dividing by s > 0 keeps each channel's sign pattern
+                self._ranges[smooth_out.name] = self._ranges[a.name]
+                self._chan_min[smooth_out.name] = self._chan_min[a.name] / scale
+            model.graph.nodes.append(
+                gs.Node("Mul", fresh_name(names, f"{a.name}_smooth_Mul"), inputs=[a, inv], outputs=[smooth_out])
+            )
+            for node, m in zip(consumers, mats):
+                trans = node.op == "Gemm" and int(node.attrs.get("transB", 0))
+                scaled = m * scale[:, None]
+                node.inputs[1] = gs.Constant(
+                    fresh_name(names, f"{node.inputs[1].name}_smoothed"),
+                    np.ascontiguousarray(scaled.T if trans else scaled),
+                )
+                node.inputs[0] = smooth_out
+            done += 1
+        return done
+
+    def _shift(self, a: gs.Tensor) -> np.ndarray | None:
+        """For an activation whose calibrated range is mostly positive (GELU/ReLU outputs), the
+        per-channel shift that makes it non-negative; None otherwise (or without calibration)."""
+        if a.name not in self._chan_min:
+            return None
+        lo, hi = self._ranges[a.name]
+        if not (hi > 0 and lo >= -0.25 * hi):
+            return None
+        return np.maximum(-self._chan_min[a.name], 0.0).astype(np.float32)
 
     def _eligible(self, node: gs.Node, ctx: PassContext) -> str | None:
         """``None`` if ``node`` is to be quantized, ``""`` to ignore it silently, else the skip reason."""
@@ -235,8 +322,11 @@ class Int8DynamicPass:
                         outputs=[matmul_out],
                     )
                 )
-            elif self.config.activations == "row":
-                q, s_row, zp = self._quantize_rows(a, names, quantized_acts, new_nodes, model_opset=self._opset)
+            elif self.config.activations == "row" or (self.config.activations == "auto" and self._shift(a) is not None):
+                shift = self._shift(a)
+                q, s_row, zp = self._quantize_rows(
+                    a, names, quantized_acts, new_nodes, model_opset=self._opset, shift=shift
+                )
                 y_i = gs.Variable(fresh_name(names, f"{base}_int32"), dtype=np.int32)
                 y_f = gs.Variable(fresh_name(names, f"{base}_float"), dtype=np.float32)
                 y_r = gs.Variable(fresh_name(names, f"{base}_rows"), dtype=np.float32)
@@ -246,8 +336,23 @@ class Int8DynamicPass:
                     ),
                     gs.Node("Cast", fresh_name(names, f"{base}_Cast"), attrs={"to": 1}, inputs=[y_i], outputs=[y_f]),
                     gs.Node("Mul", fresh_name(names, f"{base}_row_Mul"), inputs=[y_f, s_row], outputs=[y_r]),
-                    gs.Node("Mul", fresh_name(names, f"{base}_Mul"), inputs=[y_r, wq.scale], outputs=[matmul_out]),
                 ]
+                if shift is None:
+                    new_nodes.append(
+                        gs.Node("Mul", fresh_name(names, f"{base}_Mul"), inputs=[y_r, wq.scale], outputs=[matmul_out])
+                    )
+                else:  # undo the shift: (a + c) W' - c W'
+                    w_deq = wq.q.values.astype(np.float32) * wq.scale.values
+                    corr = gs.Constant(
+                        fresh_name(names, f"{base}_shift_correction"), -(shift @ w_deq).astype(np.float32)
+                    )
+                    y_s = gs.Variable(fresh_name(names, f"{base}_shifted"), dtype=np.float32)
+                    new_nodes += [
+                        gs.Node("Mul", fresh_name(names, f"{base}_Mul"), inputs=[y_r, wq.scale], outputs=[y_s]),
+                        gs.Node(
+                            "Add", fresh_name(names, f"{base}_shift_Add"), inputs=[y_s, corr], outputs=[matmul_out]
+                        ),
+                    ]
             else:
                 qa = self._quantize_activation(a, graph, names, quantized_acts, new_nodes)
                 y_i = gs.Variable(fresh_name(names, f"{base}_int32"), dtype=np.int32)
@@ -290,8 +395,15 @@ class Int8DynamicPass:
         done: dict[int, tuple[gs.Tensor, gs.Tensor, gs.Tensor]],
         new_nodes: list[gs.Node],
         model_opset: int,
+        shift: np.ndarray | None = None,
     ) -> tuple[gs.Tensor, gs.Tensor, gs.Tensor]:
-        """Symmetric per-row (per token) quantization of ``a`` into uint8 around 128."""
+        """Per-row (per token) quantization of ``a`` to uint8; returns ``(q, row scale, zero point)``.
+
+        Without ``shift``: symmetric, ``q = round(a / s) + 128`` with ``s = max|a_row| / 127``.
+        With a per-channel ``shift >= 0`` (skewed activations such as GELU outputs, whose calibrated
+        minimum is a small negative number): ``a + shift >= 0`` is quantized over ``[0, max]`` with
+        255 levels and zero point 0; the caller subtracts ``shift @ W`` afterwards.
+        """
         if id(a) in done:
             return done[id(a)]
         base = a.name or "activation"
@@ -302,50 +414,40 @@ class Int8DynamicPass:
         def c(suffix: str, value: np.ndarray) -> gs.Constant:
             return gs.Constant(fresh_name(names, f"{base}_{suffix}"), value)
 
-        absx, amax, amax_c, s, t, r, cl, u, q = (
-            v(x) for x in ("abs", "amax", "amax_c", "row_scale", "div", "round", "clip", "shift", "q")
-        )
+        def node(op: str, inputs: list[gs.Tensor], out: gs.Tensor, **attrs: object) -> gs.Node:
+            return gs.Node(op, fresh_name(names, f"{base}_{op}"), attrs=attrs, inputs=inputs, outputs=[out])
+
+        nodes: list[gs.Node] = []
+        if shift is not None:
+            src = v("shifted")
+            nodes.append(node("Add", [a, c("shift", shift.astype(np.float32))], src))
+            mag, levels = src, 255.0
+        else:
+            src = a
+            mag, levels = v("abs"), 127.0
+            nodes.append(node("Abs", [a], mag))
+        amax, amax_c, s, t, r, q = (v(x) for x in ("amax", "amax_c", "row_scale", "div", "round", "q"))
         q.dtype = np.uint8
         if model_opset >= 18:
-            reduce = gs.Node(
-                "ReduceMax",
-                fresh_name(names, f"{base}_ReduceMax"),
-                attrs={"keepdims": 1},
-                inputs=[absx, c("axes", np.array([-1], np.int64))],
-                outputs=[amax],
-            )
+            nodes.append(node("ReduceMax", [mag, c("axes", np.array([-1], np.int64))], amax, keepdims=1))
         else:
-            reduce = gs.Node(
-                "ReduceMax",
-                fresh_name(names, f"{base}_ReduceMax"),
-                attrs={"keepdims": 1, "axes": [-1]},
-                inputs=[absx],
-                outputs=[amax],
-            )
-        zp = c("zero_point", np.array(128, np.uint8))
-        new_nodes += [
-            gs.Node("Abs", fresh_name(names, f"{base}_Abs"), inputs=[a], outputs=[absx]),
-            reduce,
-            gs.Node(
-                "Max",
-                fresh_name(names, f"{base}_Max"),
-                inputs=[amax, c("eps", np.array(1e-30, np.float32))],
-                outputs=[amax_c],
-            ),
-            gs.Node(
-                "Div",
-                fresh_name(names, f"{base}_scale_Div"),
-                inputs=[amax_c, c("qmax", np.array(127, np.float32))],
-                outputs=[s],
-            ),
-            gs.Node("Div", fresh_name(names, f"{base}_Div"), inputs=[a, s], outputs=[t]),
-            gs.Node("Round", fresh_name(names, f"{base}_Round"), inputs=[t], outputs=[r]),
-            gs.Node(
-                "Add", fresh_name(names, f"{base}_Add"), inputs=[r, c("offset", np.array(128, np.float32))], outputs=[u]
-            ),
-            gs.Node("Cast", fresh_name(names, f"{base}_Cast"), attrs={"to": 2}, inputs=[u], outputs=[q]),
+            nodes.append(node("ReduceMax", [mag], amax, keepdims=1, axes=[-1]))
+        nodes += [
+            node("Max", [amax, c("eps", np.array(1e-30, np.float32))], amax_c),
+            node("Div", [amax_c, c("levels", np.array(levels, np.float32))], s),
+            node("Div", [src, s], t),
+            node("Round", [t], r),
         ]
-        del cl
+        if shift is not None:
+            cl = v("clip")
+            zero, top = c("lo", np.array(0, np.float32)), c("hi", np.array(255, np.float32))
+            nodes += [node("Clip", [r, zero, top], cl), node("Cast", [cl], q, to=2)]
+            zp = c("zero_point", np.array(0, np.uint8))
+        else:
+            u = v("offset")
+            nodes += [node("Add", [r, c("offset", np.array(128, np.float32))], u), node("Cast", [u], q, to=2)]
+            zp = c("zero_point", np.array(128, np.uint8))
+        new_nodes += nodes
         done[id(a)] = (q, s, zp)
         return done[id(a)]
 
