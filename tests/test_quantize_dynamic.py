@@ -194,3 +194,64 @@ def test_tiny_transformer_end_to_end(tmp_path: Path) -> None:
     assert v is not None and v.accuracy is not None and abs(v.accuracy["drop"]) <= 0.01
     assert [p.name for p in r.passes] == ["fold", "int8-dynamic"]
     assert r.passes[1].stats["nodes_quantized"].get("MatMul", 0) >= 4
+
+
+def test_gptq_int8_beats_round_to_nearest_on_the_layer_output() -> None:
+    from onnxcompress.passes.quantize._math import quantize_symmetric, symmetric_scales
+    from onnxcompress.passes.quantize.dynamic import gptq_int8
+
+    rng = np.random.default_rng(0)
+    # strongly correlated channels (low-rank inputs): where GPTQ's error feedback helps
+    x = (rng.standard_normal((512, 12)) @ rng.standard_normal((12, 96))).astype(np.float32)
+    x += 0.05 * rng.standard_normal(x.shape).astype(np.float32)
+    w = rng.standard_normal((96, 40)).astype(np.float32)
+    scale = symmetric_scales(w, 1, 127)
+    rtn = quantize_symmetric(w, scale, 1, 127, np.int8).astype(np.float32) * scale
+    gq = gptq_int8(w, (x.T @ x).astype(np.float64), scale).astype(np.float32) * scale
+    err_rtn = np.linalg.norm(x @ w - x @ rtn)
+    err_gptq = np.linalg.norm(x @ w - x @ gq)
+    assert err_gptq < 0.8 * err_rtn
+    assert np.abs(gq - w).max() <= 2 * scale.max()  # still a faithful int8 code of w
+
+
+def _outlier_model(k: int = 64, seed: int = 0) -> onnx.ModelProto:
+    """x -> Mul(per-channel gains with two outlier channels) -> MatMul(W1) -> Relu -> MatMul(W2)."""
+    rng = np.random.default_rng(seed)
+    gains = np.ones(k, np.float32)
+    gains[[3, 17]] = 40.0
+    w1 = rng.standard_normal((k, k)).astype(np.float32) * 0.2
+    w2 = rng.standard_normal((k, 16)).astype(np.float32) * 0.2
+    nodes = [
+        h.make_node("Mul", ["x", "gains"], ["a"], name="gain"),
+        h.make_node("MatMul", ["a", "W1"], ["m1"], name="mm1"),
+        h.make_node("Relu", ["m1"], ["r"], name="relu"),
+        h.make_node("MatMul", ["r", "W2"], ["y"], name="mm2"),
+    ]
+    g = h.make_graph(
+        nodes,
+        "outliers",
+        [h.make_tensor_value_info("x", T.FLOAT, ["batch", 8, k])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["batch", 8, 16])],
+        [nh.from_array(gains, "gains"), nh.from_array(w1, "W1"), nh.from_array(w2, "W2")],
+    )
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_calibrated_smoothing_shift_and_gptq_reduce_the_error(tmp_path: Path) -> None:
+    src = save(_outlier_model(), tmp_path / "o.onnx")
+    rng = np.random.default_rng(5)
+    calib = [{"x": rng.standard_normal((16, 8, 64)).astype(np.float32)} for _ in range(4)]
+    x = rng.standard_normal((16, 8, 64)).astype(np.float32)
+    ref = run(src, {"x": x})[0]
+    plain, _ = _quantize(src, tmp_path / "plain.onnx", min_elements=1, activations="tensor", smooth=0.0, gptq=False)
+    tuned, report = _quantize(src, tmp_path / "tuned.onnx", PassContext(calibration=calib), min_elements=1)
+    assert report.stats["smoothed_activations"] == 2
+    ops = _ops(tuned)
+    # mm1's input is symmetric (per tensor, smoothed); mm2's is a Relu output: shifted per-row uint8
+    assert ops["DynamicQuantizeLinear"] == 1 and ops["ReduceMax"] == 1 and ops["MatMulInteger"] == 2
+    err_plain = np.abs(run(plain, {"x": x})[0] - ref).mean()
+    err_tuned = np.abs(run(tuned, {"x": x})[0] - ref).mean()
+    assert err_tuned < 0.5 * err_plain
+    assert _cosine(ref, run(tuned, {"x": x})[0]) > 0.999

@@ -1,4 +1,4 @@
-"""Quantization passes: weight-only int8 today; dynamic, static, int4 and fp16 join here."""
+"""Quantization passes: int8 weight-only, dynamic and static, int4 (GPTQ), fp16/bf16, and ``auto``."""
 
 from .weights import Int8WeightsConfig, Int8WeightsPass
 

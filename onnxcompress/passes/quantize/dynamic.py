@@ -10,8 +10,29 @@ float32 matrix ``W [K, N]`` and whose first input is computed at run time become
 
 onnxruntime fuses this into its ``DynamicQuantizeMatMul`` kernel (u8 x s8, VNNI where the CPU has
 it). With ``--target onnxruntime`` the contrib op is written directly. Weights are symmetric int8
-per output column (``|W - W'| <= w_s / 2``); an activation read by several MatMuls (the Q, K and V
-projections) is quantized once.
+per output column; an activation read by several MatMuls (the Q, K and V projections) is quantized
+once.
+
+With calibration data (``--calibration`` or ``<model>.calibration.npz``), three refinements, each
+measured on all-MiniLM-L6-v2 (worst sentence cosine of 53 held-out sentences; onnxruntime's
+per-channel ``quantize_dynamic`` gives 0.971 in the same run, plain per-tensor here 0.977):
+
+* **smoothing** (``smooth``, SmoothQuant's alpha, default 0.5): per input channel ``k``,
+  ``s_k = max|A_k|**alpha / max|W_k|**(1-alpha)``; ``A`` is divided by ``s`` (one Mul before the
+  quantizer) and ``W``'s rows multiplied by it, so outlier channels stop dominating the activation
+  range. ``smooth=0`` turns it off.
+* **skewed activations per row** (``activations=auto``, the default): an activation whose calibrated
+  range is mostly positive (GELU/ReLU outputs feeding the FFN down-projection) is shifted to be
+  non-negative per channel and quantized per row (token) over ``[0, max]`` with 255 levels; the
+  shift is subtracted exactly after the product (``- shift @ W'``). Costs a few elementwise ops
+  (``ReduceMax``, ``Div``, ``Round``, ``Clip``, ``Cast``) for those activations only.
+  ``activations=row`` does this for every activation (symmetric rows when not skewed: more
+  accurate, slower), ``activations=tensor`` never.
+* **GPTQ** (``gptq``, default on): the int8 weights are chosen with Hessian-based error feedback on
+  the calibration inputs (``gptq_int8``) instead of rounding to nearest.
+
+Measured (MiniLM, same run, latency vs fp32 on one thread, batch 8): per tensor 0.977 / 0.44x;
+default (calibrated) 0.995 / 0.49x; ``activations=row`` 0.996 / 0.54x; onnxruntime 0.971 / 0.45x.
 
 Left in float on purpose:
 
@@ -38,6 +59,7 @@ from ...graph import Model, all_tensor_names, constant_meta, constant_value, fre
 from ..base import GraphSize, Params, PassContext, PassReport, is_excluded
 from ._common import refuse_quantized
 from ._math import quantize_symmetric, symmetric_scales
+from .gptq import prepare_hessian
 from .weights import Int8WeightsConfig, Int8WeightsPass
 
 QMAX = 127
@@ -56,8 +78,10 @@ class Int8DynamicConfig:
     """
 
     min_elements: int = 4096
-    activations: str = "tensor"
+    activations: str = "auto"
     smooth: float = 0.5
+    gptq: bool = True
+    damp: float = 0.01
     attention: bool = False
     conv: str = "weights"
     embeddings: bool = True
@@ -67,8 +91,10 @@ def int8_dynamic_config(params: Params) -> Int8DynamicConfig:
     """The config from ``--param`` settings."""
     return Int8DynamicConfig(
         min_elements=params.get_int("min_elements", Int8DynamicConfig.min_elements),
-        activations=params.get_str("activations", "tensor", ("tensor", "row", "auto")),
+        activations=params.get_str("activations", "auto", ("auto", "tensor", "row")),
         smooth=params.get_float("smooth", Int8DynamicConfig.smooth),
+        gptq=params.get_bool("gptq", True),
+        damp=params.get_float("damp", Int8DynamicConfig.damp),
         attention=params.get_bool("attention", False),
         conv=params.get_str("conv", "weights", ("weights", "float")),
         embeddings=params.get_bool("embeddings", True),
@@ -96,18 +122,19 @@ class Int8DynamicPass:
         self._opset = model.opset
         self._ranges: dict[str, tuple[float, float]] = {}
         self._chan_min: dict[str, np.ndarray] = {}
+        self._hessians: dict[int, np.ndarray] = {}
         report = PassReport(self.name)
         before = GraphSize.of(model)
         ops: dict[str, int] = {}
         layers: list[dict[str, object]] = []
+        smoothed = 0
         if model.opset < MIN_OPSET:
             report.skipped.append(("*", f"opset {model.opset} < {MIN_OPSET}: no DynamicQuantizeLinear"))
         else:
             names = all_tensor_names(model.graph)
             weights: dict[int, _Weight] = {}
-            if cfg.smooth > 0 and ctx.calibration:
+            if (cfg.smooth > 0 or cfg.gptq) and ctx.calibration:
                 smoothed = self._smooth(model, ctx, names)
-                report.stats["smoothed_activations"] = smoothed
             for graph in list(iter_graphs(model.graph)):
                 quantized_acts: dict[int, tuple[gs.Tensor, gs.Tensor, gs.Tensor]] = {}
                 for node in list(graph.nodes):
@@ -144,7 +171,13 @@ class Int8DynamicPass:
             else []
         )
         report.stats = before.stats(
-            model, report.modified, nodes_quantized=ops, layers=layers, nonstandard_ops=nonstandard
+            model,
+            report.modified,
+            nodes_quantized=ops,
+            layers=layers,
+            nonstandard_ops=nonstandard,
+            smoothed_activations=smoothed,
+            gptq_weights=len(self._hessians),
         )
         return report
 
@@ -169,11 +202,15 @@ class Int8DynamicPass:
         from ..calibrate import ActivationTap
 
         amax: dict[str, np.ndarray] = {}
+        hess: dict[str, np.ndarray] = {}
         with ActivationTap(model, [a.name for a, _ in groups.values()]) as tap:
             for acts in tap.iterate(ctx.calibration or []):
                 for name, value in acts.items():
                     if not value.size:
                         continue
+                    if self.config.gptq:
+                        x = value.reshape(-1, value.shape[-1]).astype(np.float32)
+                        hess[name] = x.T @ x + (hess[name] if name in hess else 0.0)
                     v = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
                     amax[name] = v if name not in amax else np.maximum(amax[name], v)
                     cmin = value.reshape(-1, value.shape[-1]).min(axis=0)
@@ -186,6 +223,11 @@ class Int8DynamicPass:
         done = 0
         for a, consumers in groups.values():
             if a.name not in amax:
+                continue
+            if alpha <= 0:  # no smoothing: only the Hessians
+                for node in consumers:
+                    if a.name in hess:
+                        self._hessians[id(node.inputs[1])] = hess[a.name]
                 continue
             mats = []
             for node in consumers:
@@ -207,6 +249,8 @@ class Int8DynamicPass:
             model.graph.nodes.append(
                 gs.Node("Mul", fresh_name(names, f"{a.name}_smooth_Mul"), inputs=[a, inv], outputs=[smooth_out])
             )
+            inv_s = (1.0 / scale).astype(np.float64)
+            h_smooth = hess[a.name] * np.outer(inv_s, inv_s) if a.name in hess else None
             for node, m in zip(consumers, mats):
                 trans = node.op == "Gemm" and int(node.attrs.get("transB", 0))
                 scaled = m * scale[:, None]
@@ -215,6 +259,8 @@ class Int8DynamicPass:
                     np.ascontiguousarray(scaled.T if trans else scaled),
                 )
                 node.inputs[0] = smooth_out
+                if h_smooth is not None:
+                    self._hessians[id(node.inputs[1])] = h_smooth
             done += 1
         return done
 
@@ -267,7 +313,11 @@ class Int8DynamicPass:
             if trans:
                 w = np.ascontiguousarray(w.T)
             scale = symmetric_scales(w, 1, QMAX)
-            q = quantize_symmetric(w, scale, 1, QMAX, np.int8)
+            h = self._hessians.get(id(b))
+            if h is not None and h.shape[0] == w.shape[0]:
+                q = gptq_int8(w, h, scale, damp=self.config.damp)
+            else:
+                q = quantize_symmetric(w, scale, 1, QMAX, np.int8)
             weights[key] = _Weight(
                 gs.Constant(fresh_name(names, f"{b.name}_quantized"), q),
                 gs.Constant(fresh_name(names, f"{b.name}_scale"), scale),
@@ -475,3 +525,32 @@ class Int8DynamicPass:
             )
             done[id(a)] = (q, s, zp)
         return done[id(a)]
+
+
+def gptq_int8(w: np.ndarray, h: np.ndarray, scale: np.ndarray, damp: float = 0.01, batch: int = 128) -> np.ndarray:
+    """GPTQ of ``w [K, N]`` to symmetric int8 with fixed per-column ``scale [N]`` (see ``gptq.py``).
+
+    ``h [K, K] = sum X^T X`` over the calibration inputs. Columns of ``w`` are output channels, so the
+    sweep runs over the ``K`` rows; each row's rounding error is spread over the rows not yet
+    quantized, which minimises ``||X W - X W'||^2`` instead of ``||W - W'||^2``.
+    """
+    prep = prepare_hessian(h, 1, damp)
+    u = prep.u
+    wq = np.asarray(w, dtype=np.float32).T.copy()  # [N, K]
+    wq[:, prep.dead] = 0.0
+    n, k = wq.shape
+    codes = np.empty((n, k), dtype=np.int8)
+    s = scale.astype(np.float32)
+    for i1 in range(0, k, batch):
+        i2 = min(i1 + batch, k)
+        w1 = wq[:, i1:i2].copy()
+        err = np.zeros((n, i2 - i1), dtype=np.float32)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            q = np.clip(np.rint(w1[:, i] / s), -QMAX, QMAX)
+            codes[:, i1 + i] = q
+            e = (w1[:, i] - q * s) / u1[i, i]
+            w1[:, i:] -= np.outer(e, u1[i, i:])
+            err[:, i] = e
+        wq[:, i2:] -= err @ u[i1:i2, i2:]
+    return np.ascontiguousarray(codes.T)

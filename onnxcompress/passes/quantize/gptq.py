@@ -1,0 +1,310 @@
+"""Block-wise 4-bit quantization maths: round-to-nearest with a clipping search, and GPTQ.
+
+Layout: a weight is handled as ``W [N, K]`` (rows = output channels, columns = the reduction axis
+``K``), split along ``K`` into blocks of ``b`` columns; ``K`` is zero-padded to a multiple of ``b``
+(:func:`pad_columns`; padded columns quantize to exactly zero and are dropped again by the caller).
+Every block of every row has a scale ``s`` and a zero point ``z``; codes are unsigned nibbles::
+
+    u  = clip(round(w / s) + z, 0, 15)
+    w' = (u - z) * s
+
+* symmetric: ``z = 8`` (codes -8..7 around zero). Candidate scales are ``s = -e * r / 8`` with ``e``
+  the block's value of largest magnitude *with its sign*, so that for ``r = 1`` that value lands
+  exactly on the code ``-8`` (the side of the range with 8 levels; a negative scale is legal in every
+  consumer), and ``s = e * r / 7``.
+* asymmetric: ``s = (max - min) * r / 15`` and ``z = clip(round(-min * r / s), 0, 15)``.
+
+Clipping search (``clip_search``): the ratio ``r`` is chosen per block from a small grid in
+``[0.6, 1]`` to minimise the block's (optionally column-weighted) squared error
+``sum_k h_k (w_k - w'_k)^2``; ``r = 1`` (plain min/max) is always a candidate, so the search never
+does worse than min/max on that objective. Scales are rounded to float16 before the codes are
+computed (:func:`round_scales`), so a file storing them in float16 dequantizes to exactly ``w'``.
+
+GPTQ (Frantar et al., 2023, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers") minimises the layer's output error on calibration inputs ``X [n, K]``,
+``||X W^T - X W'^T||^2 = tr((W - W') H (W - W')^T)`` with ``H = X^T X``, one column at a time:
+
+1. dead columns (``H_kk = 0``) are zeroed; ``H += damp * mean(diag H) * I``;
+2. optional act-order: columns are processed by decreasing ``H_kk`` (the block structure still
+   follows the original column order: a block's scales are computed when its first column is reached);
+3. ``U = cholesky(H^-1)^T`` (upper); for column ``k``: ``q_k = quant(w_k)``,
+   ``e_k = (w_k - q_k) / U_kk`` and the not-yet-quantized columns ``j > k`` absorb the error,
+   ``w_j -= e_k U_kj`` (the optimal update of the OBS framework);
+4. lazy batch updates: the updates inside a batch of ``B`` columns are applied column by column,
+   those to the columns after the batch at once (``W[:, after] -= E U[batch, after]``, one GEMM);
+5. a block's scales are computed from its columns' *current* (error-compensated) values, weighted by
+   ``diag H`` in the clipping search, when the first of its columns is reached.
+
+Everything is vectorised over rows; the loop runs over columns (``K`` iterations of ``O(N B)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+QMAX_U4 = 15
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+ROW_CHUNK = 4096  # rows per chunk in the clipping search (bounds temporaries for embedding tables)
+
+
+@dataclasses.dataclass
+class Quantized:
+    """A block-quantized weight in ``[N, K_pad]`` layout.
+
+    Attributes:
+        codes: uint8 nibbles ``u`` in ``[0, 15]``, shape ``[N, K_pad]`` (``K_pad`` a multiple of the block).
+        scales: float32 scales (float16-representable), shape ``[N, K_pad / block]``.
+        zero_points: uint8 zero points, shape ``[N, K_pad / block]`` (all 8 when symmetric).
+        k: The true ``K`` (columns beyond it are padding).
+        block: The block size.
+    """
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+    k: int
+    block: int
+
+    def dequantize(self) -> np.ndarray:
+        """``W' [N, K]`` (float32), padding dropped."""
+        n, kp = self.codes.shape
+        nb = kp // self.block
+        u = self.codes.reshape(n, nb, self.block).astype(np.float32)
+        z = self.zero_points.astype(np.float32)[:, :, None]
+        w = (u - z) * self.scales[:, :, None]
+        return w.reshape(n, kp)[:, : self.k]
+
+
+def pad_columns(w: np.ndarray, block: int) -> np.ndarray:
+    """``w [N, K]`` zero-padded on the right to a multiple of ``block`` columns (no copy if not needed)."""
+    k = w.shape[1]
+    pad = (-k) % block
+    if not pad:
+        return w
+    return np.concatenate([w, np.zeros((w.shape[0], pad), dtype=w.dtype)], axis=1)
+
+
+def round_scales(s: np.ndarray) -> np.ndarray:
+    """Scales rounded to float16-representable float32 values; tiny or zero scales become 1 or the float16 floor."""
+    s = np.where(np.isfinite(s) & (s != 0), s, np.float32(1.0)).astype(np.float32)
+    tiny = np.float32(np.finfo(np.float16).tiny)
+    s = np.where(np.abs(s) < tiny, np.copysign(tiny, s), s)
+    with np.errstate(over="ignore"):
+        half = s.astype(np.float16)
+    return np.where(np.isfinite(half), half.astype(np.float32), s).astype(np.float32)
+
+
+def _candidates(wb: np.ndarray, symmetric: bool, ratios: tuple[float, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``[(scale, zero point)]`` candidates for blocks ``wb [..., b]`` (each ``[...]``), best guess first."""
+    out = []
+    if symmetric:
+        idx = np.abs(wb).argmax(axis=-1)
+        extreme = np.take_along_axis(wb, idx[..., None], axis=-1)[..., 0]
+        z = np.full(extreme.shape, 8, dtype=np.float32)
+        for r in ratios:
+            out.append((round_scales(-extreme * np.float32(r / 8.0)), z))
+        for r in ratios[:3]:
+            out.append((round_scales(extreme * np.float32(r / 7.0)), z))
+    else:
+        lo = np.minimum(wb.min(axis=-1), 0.0)
+        hi = np.maximum(wb.max(axis=-1), 0.0)
+        for r in ratios:
+            s = round_scales((hi - lo) * np.float32(r / QMAX_U4))
+            z = np.clip(np.rint(-lo * np.float32(r) / s), 0, QMAX_U4).astype(np.float32)
+            out.append((s, z))
+    return out
+
+
+def _codes(wb: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
+    u = np.rint(wb / s[..., None])
+    u += z[..., None]
+    np.clip(u, 0, QMAX_U4, out=u)
+    return u
+
+
+def block_params(
+    wb: np.ndarray,
+    symmetric: bool = True,
+    clip_search: bool = True,
+    weights: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points (float32, shape ``wb.shape[:-1]``) for blocks ``wb [..., b]``.
+
+    ``weights`` (broadcastable to ``wb``, e.g. ``diag H`` of the block's columns) weight the squared
+    error minimised by the clipping search.
+    """
+    cands = _candidates(wb, symmetric, CLIP_RATIOS if clip_search else (1.0,))
+    best_s, best_z = cands[0]
+    if len(cands) == 1:
+        return best_s, best_z
+    best_s, best_z = best_s.copy(), best_z.copy()
+    best_err = None
+    for s, z in cands:
+        u = _codes(wb, s, z)
+        u -= z[..., None]
+        u *= s[..., None]
+        u -= wb
+        np.square(u, out=u)
+        if weights is not None:
+            u *= weights
+        err = u.sum(axis=-1)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, s, best_s)
+        best_z = np.where(better, z, best_z)
+    return best_s.astype(np.float32), best_z.astype(np.float32)
+
+
+def quantize_rtn(w: np.ndarray, block: int, symmetric: bool = True, clip_search: bool = True) -> Quantized:
+    """Round-to-nearest block quantization of ``w [N, K]`` (rows processed in chunks)."""
+    n, k = w.shape
+    wp = pad_columns(np.asarray(w, dtype=np.float32), block)
+    nb = wp.shape[1] // block
+    codes = np.empty((n, nb * block), dtype=np.uint8)
+    scales = np.empty((n, nb), dtype=np.float32)
+    zeros = np.empty((n, nb), dtype=np.uint8)
+    for r0 in range(0, n, ROW_CHUNK):
+        wb = wp[r0 : r0 + ROW_CHUNK].reshape(-1, nb, block)
+        s, z = block_params(wb, symmetric, clip_search)
+        codes[r0 : r0 + ROW_CHUNK] = _codes(wb, s, z).reshape(-1, nb * block)
+        scales[r0 : r0 + ROW_CHUNK] = s
+        zeros[r0 : r0 + ROW_CHUNK] = z
+    return Quantized(codes, scales, zeros, k, block)
+
+
+@dataclasses.dataclass
+class PreparedHessian:
+    """What GPTQ needs from ``H`` (shared by every weight multiplied by the same activations).
+
+    Attributes:
+        perm: Processing order of the (padded) columns.
+        u: Upper Cholesky factor of the damped ``H^-1``, in processing order, float32.
+        dead: Columns with ``H_kk = 0`` (never activated: their weights are zeroed).
+        col_weight: ``diag H`` in the original order (weights of the clipping search), float32.
+    """
+
+    perm: np.ndarray
+    u: np.ndarray
+    dead: np.ndarray
+    col_weight: np.ndarray
+
+
+def prepare_hessian(h: np.ndarray, block: int, damp: float = 0.01, act_order: bool = False) -> PreparedHessian:
+    """Pad ``h [K, K]`` to a multiple of ``block``, damp it and factor its inverse.
+
+    Raises:
+        ValueError: if ``h`` is not square or stays singular after damping.
+    """
+    k = h.shape[0]
+    if h.shape != (k, k):
+        raise ValueError(f"Hessian shape {h.shape} is not square")
+    kp = k + (-k) % block
+    hp = np.zeros((kp, kp), dtype=np.float64)
+    hp[:k, :k] = h
+    diag = np.diagonal(hp).copy()
+    dead = diag <= 0
+    hp[dead, dead] = 1.0
+    diag[dead] = 1.0
+    perm = np.argsort(-diag, kind="stable") if act_order else np.arange(kp)
+    hp = hp[np.ix_(perm, perm)]
+    hp[np.diag_indices(kp)] += max(damp, 0.0) * float(np.mean(np.diagonal(hp)))
+    u = _inverse_cholesky_upper(hp)
+    return PreparedHessian(perm, u, dead, diag.astype(np.float32))
+
+
+def gptq(
+    w: np.ndarray,
+    h: np.ndarray | PreparedHessian,
+    block: int,
+    *,
+    symmetric: bool = True,
+    clip_search: bool = True,
+    damp: float = 0.01,
+    act_order: bool = False,
+    batch: int = 128,
+) -> Quantized:
+    """GPTQ of ``w [N, K]`` given ``h [K, K] = sum X^T X`` over calibration inputs (module docstring).
+
+    ``h`` may be a :class:`PreparedHessian` (then ``damp`` and ``act_order`` are those it was made with).
+
+    Raises:
+        ValueError: if ``h`` does not match ``K`` or stays singular after damping.
+    """
+    n, k = w.shape
+    prep = h if isinstance(h, PreparedHessian) else prepare_hessian(h, block, damp, act_order)
+    wp = pad_columns(np.asarray(w, dtype=np.float32), block)
+    kp = wp.shape[1]
+    nb = kp // block
+    if prep.u.shape != (kp, kp):
+        raise ValueError(f"Hessian shape {prep.u.shape} does not match K={k} padded to {kp}")
+    perm, u, col_weight = prep.perm, prep.u, prep.col_weight
+    wq = wp.copy()  # the working copy that absorbs the errors
+    wq[:, prep.dead] = 0.0
+    wq = wq[:, perm]
+    pos_of = np.empty(kp, dtype=np.int64)
+    pos_of[perm] = np.arange(kp)
+
+    codes = np.zeros((n, kp), dtype=np.uint8)  # original column order
+    scales = np.zeros((n, nb), dtype=np.float32)
+    zeros = np.zeros((n, nb), dtype=np.float32)
+    have = np.zeros(nb, dtype=bool)
+    batch = max(block, batch)
+    for i1 in range(0, kp, batch):
+        i2 = min(i1 + batch, kp)
+        w1 = wq[:, i1:i2].copy()
+        err = np.zeros((n, i2 - i1), dtype=np.float32)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // block
+            if not have[g]:
+                pos = pos_of[g * block : (g + 1) * block]
+                cur = np.empty((n, block), dtype=np.float32)
+                inside = pos < i2
+                cur[:, inside] = w1[:, pos[inside] - i1]
+                if not inside.all():
+                    out = pos[~inside]
+                    cur[:, ~inside] = wq[:, out] - err[:, :i] @ u[i1 : i1 + i, out]
+                s, z = block_params(cur, symmetric, clip_search, col_weight[g * block : (g + 1) * block])
+                scales[:, g], zeros[:, g] = s, z
+                have[g] = True
+            s, z = scales[:, g], zeros[:, g]
+            wcol = w1[:, i]
+            q = np.clip(np.rint(wcol / s) + z, 0, QMAX_U4)
+            codes[:, col] = q
+            e = (wcol - (q - z) * s) / u1[i, i]
+            w1[:, i:] -= np.outer(e, u1[i, i:])
+            err[:, i] = e
+        wq[:, i2:] -= err @ u[i1:i2, i2:]
+    return Quantized(codes, scales, zeros.astype(np.uint8), k, block)
+
+
+def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
+    """Upper ``U`` (float32) with ``H^-1 = U^T U``, from one Cholesky factorisation.
+
+    With ``J`` the reversal permutation and ``J H J = L L^T``, ``H^-1 = (J L^-1 J)^T (J L^-1 J)`` and
+    ``J L^-1 J`` is upper triangular with a positive diagonal, so it is the Cholesky factor sought.
+
+    Raises:
+        ValueError: if ``H`` is not positive definite.
+    """
+    try:
+        low = np.linalg.cholesky(h[::-1, ::-1])
+        inv = np.linalg.inv(low)
+    except np.linalg.LinAlgError:
+        raise ValueError("the Hessian is not positive definite even after damping") from None
+    u = inv[::-1, ::-1].astype(np.float32)
+    if not np.all(np.isfinite(u)):
+        raise ValueError("the Hessian is too ill-conditioned for GPTQ")
+    return np.ascontiguousarray(u)
+
+
+def output_error(x: np.ndarray, w: np.ndarray, wq: np.ndarray) -> float:
+    """``||x w^T - x wq^T||_F^2`` for ``x [n, K]`` and weights ``[N, K]`` (for tests and reports)."""
+    d = x.astype(np.float64) @ (w.astype(np.float64) - wq.astype(np.float64)).T
+    return float(np.sum(d * d))

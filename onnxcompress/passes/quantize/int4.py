@@ -1,0 +1,744 @@
+"""Block-wise int4 weights: MatMul/Gemm weights and Gather (embedding) tables, GPTQ or round-to-nearest.
+
+Every float32 2-D weight ``W`` (initializer or ``Constant`` node, main graph or any subgraph) read by
+a ``MatMul`` (as ``B [K, N]``), a ``Gemm`` (``B``, ``[N, K]`` when ``transB=1``) or a ``Gather`` on axis 0
+(a table ``[V, D]``, blocks along ``D``) is quantized in blocks of ``block_size`` values along its
+reduction axis to unsigned 4-bit codes with one scale (and zero point) per block; the maths
+(round-to-nearest with a clipping search, and GPTQ) is in :mod:`.gptq`::
+
+    W'[n, k] = (u[n, k] - z[n, k // b]) * s[n, k // b]      u in [0, 15]; z = 8 when symmetric
+
+``method``: ``gptq`` fits the codes to calibration activations (``ctx.calibration``): the inputs of
+every quantized MatMul/Gemm of the main graph are read with an :class:`ActivationTap`, one feed at a
+time (a feed whose inputs share a dynamic leading batch axis is split into slices of
+``calibration_rows`` samples), and ``H = sum X^T X`` is accumulated per activation tensor in float32
+(Q, K and V projections share one); a weight read by several MatMuls gets the sum of their
+Hessians. Hessians are gathered for groups of weights whose Hessians fit ``hessian_bytes``, one pass
+over the calibration data per group. Gather tables and weights whose activations cannot be tapped
+(consumers inside If/Loop/Scan bodies) use round-to-nearest (``stats["gptq_fallback"]`` says why).
+``rtn`` rounds to nearest; ``auto`` is ``gptq`` when calibration data is given, else ``rtn``.
+
+Output forms:
+
+* target ``standard`` (standard ONNX only, every opset >= 7; the opset import is never changed): the
+  ``load`` form. Each block of ``b`` codes is packed into ``b / 2`` bytes (byte ``j`` holds code ``j``
+  in its low nibble and code ``j + b/2`` in its high nibble), scales are stored as float16 and
+  unpacked with ``f = Cast(p)``, ``hi = Floor(f / 16)``, ``lo = f - 16 hi``, ``Concat(lo, hi)``,
+  ``(u - z) * Cast(s)``, ``Reshape`` (and ``Slice`` when ``K`` was padded): all on constants, so
+  onnxruntime folds it once at session load: the file holds 4.5 bits per weight, inference runs in
+  float32 at the original speed. Embedding tables are unpacked *after* gathering:
+  ``Gather`` of the packed rows and of the scales, then the same unpacking on the gathered rows only
+  (opset >= 11), so the float table is never materialised. The other standard option,
+  ``DequantizeLinear`` with ``block_size`` on int4 data, needs opset 21 and is not emitted: most
+  models are older, onnxruntime runs a DequantizeLinear before a Gather at every call, and raising
+  the opset import is not safe in general.
+* target ``onnxruntime``: ``com.microsoft`` ``MatMulNBits`` (bits=4, ``B`` packed ``[N, n_blocks, b/2]``,
+  consecutive codes in low then high nibble, float32 scales, packed zero points only when asymmetric)
+  for MatMul weights (int4 in memory at run time), and ``GatherBlockQuantized`` for tables whose
+  width is a multiple of the block (note: it returns zeros for out-of-range ids where Gather fails).
+  Gemm weights and other consumers use the ``load`` form. ``stats["nonstandard_ops"]`` lists the ops.
+
+``K`` not a multiple of the block is zero-padded (padded codes dequantize to exactly 0; the ``load``
+form slices them off, which needs opset >= 10). Batched MatMul weights ``[..., K, N]`` are quantized
+slice by slice (round-to-nearest, ``load`` form). Non-float32, non-finite, rank-1 and
+small (< ``min_elements``) weights stay float, each skip recorded with its reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ...errors import OnnxCompressError
+from ...graph import GraphTree, Model, all_tensor_names, constant_meta, constant_value, fresh_name, iter_nodes
+from ..base import GraphSize, Params, PassContext, PassReport, is_excluded
+from ..calibrate import ActivationTap, require_calibration, tappable
+from ._common import refuse_quantized
+from .gptq import PreparedHessian, Quantized, gptq, prepare_hessian, quantize_rtn
+
+METHODS = ("auto", "gptq", "rtn")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+STANDARD_DOMAINS = ("", "ai.onnx", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int4Config:
+    """Options for :class:`Int4Pass` (see the module docstring).
+
+    Attributes:
+        block_size: Values per scale along the reduction axis (a power of two, 16..256).
+        symmetric: Zero point fixed at 8 (True) or one zero point per block (False).
+        method: ``auto``, ``gptq`` or ``rtn``.
+        damp: GPTQ damping, as a fraction of the mean of ``diag(H)``.
+        act_order: GPTQ processes columns by decreasing ``H_kk``.
+        clip_search: Choose each block's range by a squared-error search instead of min/max.
+        embeddings: Quantize Gather tables too.
+        min_elements: Weights with fewer values stay float.
+        calibration_rows: Samples per onnxruntime run when collecting Hessians (batched feeds are split).
+        hessian_bytes: Memory for the Hessians gathered in one pass over the calibration data.
+    """
+
+    block_size: int = 32
+    symmetric: bool = True
+    method: str = "auto"
+    damp: float = 0.01
+    act_order: bool = False
+    clip_search: bool = True
+    embeddings: bool = True
+    min_elements: int = 256
+    calibration_rows: int = 8
+    hessian_bytes: int = 128 << 20
+
+    def __post_init__(self) -> None:
+        if self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {BLOCK_SIZES}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}")
+        if not 0.0 <= self.damp <= 10.0:
+            raise ValueError("damp must be in [0, 10]")
+
+
+def int4_config(params: Params) -> Int4Config:
+    """Build the config from ``--param`` settings (every key read unconditionally)."""
+    block = params.get_int("block_size", 32, BLOCK_SIZES)
+    symmetric = params.get_bool("symmetric", True)
+    method = params.get_str("method", "auto", METHODS)
+    damp = params.get_float("damp", 0.01)
+    act_order = params.get_bool("act_order", False)
+    clip_search = params.get_bool("clip_search", True)
+    embeddings = params.get_bool("embeddings", True)
+    if not 0.0 <= damp <= 10.0:
+        raise OnnxCompressError(f"--param damp={damp}: expected a fraction in [0, 10] (default 0.01)")
+    return Int4Config(
+        block_size=block,
+        symmetric=symmetric,
+        method=method,
+        damp=damp,
+        act_order=act_order,
+        clip_search=clip_search,
+        embeddings=embeddings,
+    )
+
+
+@dataclasses.dataclass
+class _Use:
+    """One consumer of a weight: the node, its graph, the weight's reduction axis, the activation input."""
+
+    node: gs.Node
+    graph: gs.Graph
+    red_axis: int  # 0: W is [K, N]; 1: W is [N, K] (Gemm transB, Gather tables)
+    activation: gs.Tensor | None  # MatMul/Gemm input multiplied by W (None for Gather)
+    trans_a: bool = False
+
+
+@dataclasses.dataclass
+class _Weight:
+    tensor: gs.Tensor
+    uses: list[_Use]
+
+
+class Int4Pass:
+    """Block-wise int4 weight quantization (see module docstring)."""
+
+    name = "int4"
+
+    def __init__(self, config: Int4Config | None = None) -> None:
+        self.config = config or Int4Config()
+
+    def run(self, model: Model, ctx: PassContext) -> PassReport:
+        """Quantize the MatMul/Gemm weights and Gather tables of every graph of ``model``."""
+        refuse_quantized(model, self.name)
+        cfg = self.config
+        method = cfg.method
+        if method == "gptq":
+            require_calibration(ctx.calibration, "int4 with method=gptq")
+        elif method == "auto":
+            method = "gptq" if ctx.calibration else "rtn"
+        report = PassReport(self.name)
+        before = GraphSize.of(model)
+        tree = GraphTree(model.graph)
+        weights = self._collect(model, tree, report, ctx.exclude)
+        todo: list[_Weight] = []
+        for w in weights:
+            reason = self._skip_reason(w, model.opset)
+            if reason:
+                report.skipped.append((w.tensor.name, reason))
+            else:
+                todo.append(w)
+        stats: dict[str, Any] = {"method": method, "gptq_fallback": []}
+        fitted: dict[int, Quantized] = {}
+        if method == "gptq" and todo:
+            start = time.perf_counter()
+            fitted = self._fit_gptq(model, tree, todo, ctx, stats, strict=cfg.method == "gptq")
+            stats["gptq_seconds"] = round(time.perf_counter() - start, 3)
+        names = all_tensor_names(model.graph) if todo else set()
+        layers: list[dict[str, Any]] = []
+        forms: dict[str, int] = {}
+        nonstandard: set[str] = set()
+        for w in todo:
+            value = constant_value(w.tensor, cache=False)  # one weight at a time
+            assert value is not None
+            if not np.all(np.isfinite(value)):
+                report.skipped.append((w.tensor.name, "weight has non-finite values"))
+                continue
+            red = w.uses[0].red_axis
+            wk = _as_rows(value, red)  # [N, K]
+            q = fitted.pop(id(w.tensor), None)
+            scheme = "gptq" if q is not None else "rtn"
+            if q is None:
+                q = quantize_rtn(wk, cfg.block_size, cfg.symmetric, cfg.clip_search)
+            del value, wk
+            emitter = _Emitter(w, q, tree, names, model.opset, ctx.target, cfg.symmetric)
+            emitted = emitter.emit()
+            for form, new_name, _ in emitted:
+                forms[form] = forms.get(form, 0) + 1
+                report.tensor_map[new_name] = w.tensor.name
+                if form in ("MatMulNBits", "GatherBlockQuantized"):
+                    nonstandard.add(form)
+            shape = constant_meta(w.tensor)[0]  # type: ignore[index]
+            layers.append(
+                {
+                    "node": w.uses[0].node.name,
+                    "op": w.uses[0].node.op,
+                    "tensor": w.tensor.name,
+                    "bytes_before": int(np.prod(shape)) * 4,
+                    "bytes_after": emitter.stored_bytes(),
+                    "scheme": f"int4-{scheme}-b{cfg.block_size}-{'sym' if cfg.symmetric else 'asym'}",
+                    "forms": sorted({f for f, _, _ in emitted}),
+                }
+            )
+        if layers:
+            model.graph.cleanup(remove_unused_graph_inputs=False)
+            if nonstandard:
+                _ensure_domain(model.graph, "com.microsoft")
+        report.modified = bool(layers)
+        report.stats = before.stats(
+            model,
+            bool(layers),
+            tensors_changed=len(layers),
+            nodes_quantized=sum(len(w.uses) for w in todo if any(la["tensor"] == w.tensor.name for la in layers)),
+            forms=forms,
+            layers=layers,
+            nonstandard_ops=sorted(nonstandard),
+            **stats,
+        )
+        return report
+
+    # -- collection -----------------------------------------------------------------------------
+
+    def _collect(self, model: Model, tree: GraphTree, report: PassReport, exclude: tuple[str, ...]) -> list[_Weight]:
+        """Constant weights of MatMul/Gemm/Gather nodes with how each consumer reads them."""
+        cfg = self.config
+        found: dict[int, _Weight] = {}
+        for graph, node in iter_nodes(model.graph):
+            if node.op not in ("MatMul", "Gemm", "Gather") or node.domain not in STANDARD_DOMAINS:
+                continue
+            label = node.name or node.op
+            if is_excluded(node.name, node.op, exclude):
+                report.skipped.append((label, "excluded by configuration"))
+                continue
+            use, weight, reason = _use_of(node, graph)
+            if reason:
+                report.skipped.append((label, reason))
+                continue
+            if use is None or weight is None:
+                continue
+            if node.op == "Gather" and not cfg.embeddings:
+                report.skipped.append((label, "Gather table left float (embeddings=false)"))
+                continue
+            found.setdefault(id(weight), _Weight(weight, [])).uses.append(use)
+        return list(found.values())
+
+    def _skip_reason(self, w: _Weight, opset: int) -> str | None:
+        cfg = self.config
+        if opset < 7:
+            return f"opset {opset} < 7: Mul broadcasts only from opset 7"
+        if len({u.red_axis for u in w.uses}) > 1:
+            return "consumers read the weight along different axes"
+        meta = constant_meta(w.tensor)
+        assert meta is not None
+        shape, dtype = meta
+        if dtype != np.float32:
+            return f"dtype {dtype} (only float32 weights are quantized)"
+        size = int(np.prod(shape)) if shape else 1
+        if size < cfg.min_elements:
+            return f"too small ({size} elements < {cfg.min_elements})"
+        k = _k_of(shape, w.uses[0].red_axis)
+        if k % cfg.block_size and opset < 10:
+            return f"K={k} is not a multiple of block_size={cfg.block_size} and opset {opset} < 10 has no Slice"
+        return None
+
+    # -- GPTQ -------------------------------------------------------------------------------------
+
+    def _fit_gptq(
+        self,
+        model: Model,
+        tree: GraphTree,
+        todo: list[_Weight],
+        ctx: PassContext,
+        stats: dict[str, Any],
+        strict: bool,
+    ) -> dict[int, Quantized]:
+        """GPTQ for every weight whose MatMul/Gemm inputs can be tapped; ``{id(tensor): Quantized}``."""
+        cfg = self.config
+        fallback: list[dict[str, str]] = stats["gptq_fallback"]
+        available = tappable(model)
+        plans: list[tuple[_Weight, list[tuple[str, bool]]]] = []
+        for w in todo:
+            reason = None
+            acts: list[tuple[str, bool]] = []
+            for use in w.uses:
+                if len(constant_meta(w.tensor)[0]) > 2:  # type: ignore[index]
+                    reason = "batched weight (one Hessian per batch slice): round-to-nearest"
+                elif use.activation is None:
+                    reason = "Gather table (no Hessian): round-to-nearest"
+                elif use.graph is not model.graph or use.activation.name not in available:
+                    reason = "an input of a consumer cannot be tapped (inside a subgraph or a constant)"
+                else:
+                    acts.append((use.activation.name, use.trans_a))
+            if reason:
+                fallback.append({"tensor": w.tensor.name, "reason": reason})
+            else:
+                plans.append((w, list(dict.fromkeys(acts))))
+        out: dict[int, Quantized] = {}
+        layers = 0
+        for group in _groups(plans, cfg.hessian_bytes):
+            try:
+                hessians = self._hessians(model, group, ctx.calibration or [])
+            except OnnxCompressError as exc:
+                if strict:
+                    raise
+                for w, _ in group:
+                    fallback.append({"tensor": w.tensor.name, "reason": f"calibration failed: {exc}"})
+                continue
+            prepared: dict[tuple[tuple[str, bool], ...], PreparedHessian | str] = {}
+            for w, acts in group:
+                key = tuple(acts)
+                if key not in prepared:
+                    prepared[key] = self._prepare(w, acts, hessians)
+                prep = prepared[key]
+                if isinstance(prep, str):
+                    fallback.append({"tensor": w.tensor.name, "reason": prep})
+                    continue
+                value = constant_value(w.tensor, cache=False)
+                assert value is not None
+                if not np.all(np.isfinite(value)):
+                    continue  # skipped (with its reason) when emitted
+                wk = _as_rows(value, w.uses[0].red_axis)
+                try:
+                    out[id(w.tensor)] = gptq(
+                        wk, prep, cfg.block_size, symmetric=cfg.symmetric, clip_search=cfg.clip_search
+                    )
+                    layers += 1
+                except ValueError as exc:
+                    fallback.append({"tensor": w.tensor.name, "reason": str(exc)})
+                del value, wk
+            del prepared
+            del hessians
+        stats["gptq_layers"] = layers
+        return out
+
+    def _prepare(
+        self, w: _Weight, acts: list[tuple[str, bool]], hessians: dict[tuple[str, bool], np.ndarray]
+    ) -> PreparedHessian | str:
+        """The factored Hessian of ``w`` (the sum over its consumers), or why GPTQ cannot use it."""
+        k = _k_of(constant_meta(w.tensor)[0], w.uses[0].red_axis)  # type: ignore[index]
+        hs = [hessians.get(a) for a in acts]
+        if any(h is None or h.shape != (k, k) for h in hs):
+            return "activation width does not match K"
+        h = np.sum(hs, axis=0, dtype=np.float64)
+        if not np.all(np.isfinite(h)):
+            return "non-finite calibration activations"
+        try:
+            return prepare_hessian(h, self.config.block_size, self.config.damp, self.config.act_order)
+        except ValueError as exc:
+            return str(exc)
+
+    def _hessians(
+        self, model: Model, group: list[tuple[_Weight, list[tuple[str, bool]]]], feeds: list[dict[str, np.ndarray]]
+    ) -> dict[tuple[str, bool], np.ndarray]:
+        """``{(activation, transposed): sum X^T X}`` over all calibration feeds (float32)."""
+        wanted = list(dict.fromkeys(a for _, acts in group for a in acts))
+        names = list(dict.fromkeys(n for n, _ in wanted))
+        sums: dict[tuple[str, bool], np.ndarray] = {}
+        batch_axis = _has_batch_axis(model)
+        with ActivationTap(model, names) as tap:
+            for feed in feeds:
+                for part in _split(feed, self.config.calibration_rows if batch_axis else 0):
+                    values = tap.run(part)
+                    for name, trans in wanted:
+                        a = np.asarray(values[name])
+                        if a.dtype != np.float32 or a.ndim == 0:
+                            continue
+                        if trans:
+                            x = a.reshape(a.shape[0], -1).T if a.ndim == 2 else None
+                        else:
+                            x = a.reshape(-1, a.shape[-1])
+                        if x is None:
+                            continue
+                        xtx = x.T @ x
+                        prev = sums.get((name, trans))
+                        if prev is None:
+                            sums[(name, trans)] = xtx
+                        elif prev.shape == xtx.shape:
+                            prev += xtx
+                    del values
+        return sums
+
+
+def _use_of(node: gs.Node, graph: gs.Graph) -> tuple[_Use | None, gs.Tensor | None, str | None]:
+    """How ``node`` reads a constant weight: ``(use, weight, skip reason)``; all None if it reads none."""
+    op = node.op
+    if op == "Gather":
+        if len(node.inputs) != 2 or constant_meta(node.inputs[0]) is None:
+            return None, None, None
+        table = node.inputs[0]
+        if node.inputs[1] is table or constant_meta(node.inputs[1]) is not None:
+            return None, None, "constant indices: left to constant folding"
+        rank = len(constant_meta(table)[0])  # type: ignore[index]
+        axis = int(node.attrs.get("axis", 0))
+        if rank != 2 or axis % rank != 0:
+            return None, None, f"Gather on axis {axis} of a rank-{rank} table (only 2-D tables on axis 0)"
+        return _Use(node, graph, 1, None), table, None
+    if len(node.inputs) < 2:
+        return None, None, None
+    a, b = node.inputs[0], node.inputs[1]
+    a_const, b_meta = constant_meta(a) is not None, constant_meta(b)
+    if b_meta is None:
+        if a_const:
+            return None, None, "constant first input (weight on the left) is not quantized"
+        return None, None, "no constant weight input (computed at run time)"
+    if a_const:
+        return None, None, "both inputs constant: left to constant folding"
+    if a is b:
+        return None, None, "the weight is also the activation"
+    rank = len(b_meta[0])
+    if rank < 2 or (op == "Gemm" and rank != 2):
+        return None, None, f"rank-{rank} weight left float"
+    if op == "MatMul":
+        return _Use(node, graph, 0, a), b, None
+    trans_b = bool(node.attrs.get("transB", 0))
+    return _Use(node, graph, 1 if trans_b else 0, a, bool(node.attrs.get("transA", 0))), b, None
+
+
+def _k_of(shape: tuple[int, ...] | list[int], red_axis: int) -> int:
+    """The reduction size of a weight: ``[..., K, N]`` (``red_axis`` 0) or ``[N, K]`` (1)."""
+    return int(shape[-2] if red_axis == 0 else shape[1])
+
+
+def _as_rows(value: np.ndarray, red_axis: int) -> np.ndarray:
+    """The weight as ``[rows, K]``: ``[..., K, N]`` -> ``[batch * N, K]`` (a copy); ``[N, K]`` as is."""
+    if red_axis == 1:
+        return value
+    k, n = value.shape[-2:]
+    return value.reshape(-1, k, n).transpose(0, 2, 1).reshape(-1, k)
+
+
+def _groups(
+    plans: list[tuple[_Weight, list[tuple[str, bool]]]], budget: int
+) -> Iterator[list[tuple[_Weight, list[tuple[str, bool]]]]]:
+    """Consecutive weights whose distinct activations' Hessians (float32 ``K x K``) fit ``budget`` bytes."""
+    group: list[tuple[_Weight, list[tuple[str, bool]]]] = []
+    seen: set[tuple[str, bool]] = set()
+    used = 0
+    for w, acts in plans:
+        k = _k_of(constant_meta(w.tensor)[0], w.uses[0].red_axis)  # type: ignore[index]
+        extra = sum(4 * k * k for a in acts if a not in seen)
+        if group and used + extra > budget:
+            yield group
+            group, seen, used = [], set(), 0
+            extra = 4 * k * k * len(acts)
+        group.append((w, acts))
+        seen.update(acts)
+        used += extra
+    if group:
+        yield group
+
+
+def _has_batch_axis(model: Model) -> bool:
+    """Whether every graph input has a dynamic leading dimension (a batch axis the feeds can be split on)."""
+    inputs = list(model.graph.inputs)
+    if not inputs:
+        return False
+    for t in inputs:
+        shape = getattr(t, "shape", None)
+        if not shape or isinstance(shape[0], int) and shape[0] > 0:
+            return False
+    return True
+
+
+def _split(feed: dict[str, np.ndarray], rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """``feed`` cut into slices of ``rows`` samples along axis 0 when all inputs share that axis' size."""
+    arrays = list(feed.values())
+    n = arrays[0].shape[0] if arrays and arrays[0].ndim else 0
+    if rows <= 0 or n <= rows or any(a.ndim == 0 or a.shape[0] != n for a in arrays):
+        yield feed
+        return
+    for r0 in range(0, n, rows):
+        yield {k: v[r0 : r0 + rows] for k, v in feed.items()}
+
+
+def _ensure_domain(graph: gs.Graph, domain: str) -> None:
+    """Add ``domain`` (version 1) to the model's opset imports if missing."""
+    import onnx
+
+    domains = list(graph.import_domains or [])
+    if not any((d.domain or "") == domain for d in domains):
+        domains.append(onnx.helper.make_opsetid(domain, 1))
+        graph.import_domains = domains
+
+
+# -- emission -------------------------------------------------------------------------------------
+
+
+def pack_halves(codes: np.ndarray, block: int) -> np.ndarray:
+    """Codes ``[..., nb * b]`` -> bytes ``[..., nb, b / 2]``: byte ``j`` = code ``j`` | code ``j + b/2`` << 4."""
+    c = codes.reshape(*codes.shape[:-1], -1, 2, block // 2)
+    return (c[..., 0, :] | (c[..., 1, :] << 4)).astype(np.uint8)
+
+
+def pack_pairs(codes: np.ndarray) -> np.ndarray:
+    """Codes ``[..., 2m]`` -> bytes ``[..., m]``: byte ``j`` = code ``2j`` | code ``2j + 1`` << 4 (MatMulNBits)."""
+    c = codes.reshape(*codes.shape[:-1], -1, 2)
+    return (c[..., 0] | (c[..., 1] << 4)).astype(np.uint8)
+
+
+def _half_scales(s: np.ndarray) -> np.ndarray:
+    """Scales as float16 when that is exact (they were rounded to float16 by the quantizer)."""
+    with np.errstate(over="ignore"):
+        h = s.astype(np.float16)
+    return h if np.array_equal(h.astype(np.float32), s) else s.astype(np.float32)
+
+
+class _Emitter:
+    """Writes one quantized weight into the graph, in the form each consumer allows."""
+
+    def __init__(
+        self, w: _Weight, q: Quantized, tree: GraphTree, names: set[str], opset: int, target: str, symmetric: bool
+    ) -> None:
+        self.w, self.q, self.tree, self.names = w, q, tree, names
+        self.opset, self.target, self.symmetric = opset, target, symmetric
+        self.base = w.tensor.name
+        self.shape = list(constant_meta(w.tensor)[0])  # type: ignore[index]
+        self.red = w.uses[0].red_axis
+        self._packed: dict[str, gs.Constant] = {}
+
+    def stored_bytes(self) -> int:
+        """Bytes of the packed codes, scales and zero points written for this weight."""
+        return sum(int(c.values.nbytes) for c in self._packed.values())
+
+    def name(self, suffix: str) -> str:
+        return fresh_name(self.names, f"{self.base}_{suffix}")
+
+    def const(self, suffix: str, value: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.name(suffix), np.ascontiguousarray(value))
+
+    def var(self, suffix: str, dtype: Any = np.float32) -> gs.Variable:
+        return gs.Variable(self.name(suffix), dtype=dtype)
+
+    def node(self, graph: gs.Graph, op: str, inputs: list[gs.Tensor], out: gs.Tensor, **attrs: Any) -> gs.Tensor:
+        domain = "com.microsoft" if op in ("MatMulNBits", "GatherBlockQuantized") else None
+        graph.nodes.append(gs.Node(op, self.name(op), attrs=attrs, inputs=inputs, outputs=[out], domain=domain))
+        return out
+
+    def emit(self) -> list[tuple[str, str, int]]:
+        """Rewire every consumer; ``[(form, new tensor name, bytes stored)]``."""
+        out: list[tuple[str, str, int]] = []
+        shared: tuple[gs.Tensor, int] | None = None
+        pending: list[gs.Node] = []
+        for use in self.w.uses:
+            if self.target == "onnxruntime" and use.node.op == "MatMul" and self._nbits_ok(use):
+                out.append(self._matmul_nbits(use))
+            elif self.target == "onnxruntime" and use.node.op == "Gather" and self.q.k % self.q.block == 0:
+                out.append(self._gather_block_quantized(use))
+            elif use.node.op == "Gather" and self.opset >= 11:
+                out.append(self._gather_load(use))
+            else:
+                pending.append(use.node)
+        others: list[gs.Node] = []
+        for n in self.w.tensor.outputs:
+            if not any(n is u.node for u in self.w.uses) and not any(n is o for o in others):
+                others.append(n)
+        if pending or others:
+            shared = self._load(self._owner(pending + others))
+            for node in _unique(pending + others):
+                for i, inp in enumerate(node.inputs):
+                    if inp is self.w.tensor:
+                        node.inputs[i] = shared[0]
+            out.append(("load", shared[0].name, shared[1]))
+        return out
+
+    def _owner(self, nodes: list[gs.Node]) -> gs.Graph:
+        """The lowest graph enclosing every node in ``nodes``."""
+        owner: gs.Graph | None = None
+        for n in nodes:
+            g = self.tree.node_graph.get(id(n))
+            if g is not None:
+                owner = g if owner is None else self.tree.lca(owner, g)
+        return owner if owner is not None else self.tree.root
+
+    # -- standard: load form ----------------------------------------------------------------------
+
+    def _packed_rows(self) -> tuple[gs.Constant, gs.Constant, gs.Constant | None, int]:
+        """Packed codes ``[N, nb, b/2]``, scales ``[N, nb, 1]`` and zero points (or None), bytes stored."""
+        if "rows" not in self._packed:
+            q = self.q
+            n = q.codes.shape[0]
+            nb = q.codes.shape[1] // q.block
+            p = self.const("int4", pack_halves(q.codes, q.block))
+            s = self.const("scale", _half_scales(q.scales).reshape(n, nb, 1))
+            z = None if self.symmetric else self.const("zero_point", q.zero_points.reshape(n, nb, 1))
+            self._packed.update(rows=p, rows_s=s)
+            if z is not None:
+                self._packed["rows_z"] = z
+        p, s, z = self._packed["rows"], self._packed["rows_s"], self._packed.get("rows_z")
+        nbytes = p.values.nbytes + s.values.nbytes + (z.values.nbytes if z is not None else 0)
+        return p, s, z, nbytes
+
+    def _unpack(self, graph: gs.Graph, p: gs.Tensor, s: gs.Tensor, z: gs.Tensor | None, axis: int) -> gs.Tensor:
+        """``(u - z) * s`` with ``u = Concat(lo, hi)`` of the bytes ``p`` along ``axis``."""
+        sixteen = self.const("sixteen", np.array(16.0, np.float32))
+        f = self.node(graph, "Cast", [p], self.var("bytes"), to=1)
+        hi = self.node(graph, "Floor", [self.node(graph, "Div", [f, sixteen], self.var("div"))], self.var("hi"))
+        lo = self.node(graph, "Sub", [f, self.node(graph, "Mul", [hi, sixteen], self.var("hi16"))], self.var("lo"))
+        u = self.node(graph, "Concat", [lo, hi], self.var("codes"), axis=axis)
+        zt = (
+            self.const("eight", np.array(8.0, np.float32))
+            if z is None
+            else self.node(graph, "Cast", [z], self.var("zero_float"), to=1)
+        )
+        centred = self.node(graph, "Sub", [u, zt], self.var("centred"))
+        scale = s if s.dtype == np.float32 else self.node(graph, "Cast", [s], self.var("scale_float"), to=1)
+        return self.node(graph, "Mul", [centred, scale], self.var("blocks"))
+
+    def _load(self, graph: gs.Graph) -> tuple[gs.Tensor, int]:
+        """The whole dequantized weight in its original layout; ``(tensor, bytes stored)``."""
+        q = self.q
+        n, kp = q.codes.shape
+        nb = kp // q.block
+        if self.red == 0:  # [..., K, N]: pack as [batch, nb, b/2, N], unpack along axis 2
+            key = "cols"
+            bt = n // self.shape[-1]
+            nn = self.shape[-1]
+            if key not in self._packed:
+                packed = pack_halves(q.codes, q.block).reshape(bt, nn, nb, q.block // 2).transpose(0, 2, 3, 1)
+                self._packed[key] = self.const("int4", packed)
+                scales = _half_scales(q.scales).reshape(bt, nn, nb).transpose(0, 2, 1)
+                self._packed[key + "_s"] = self.const("scale", scales.reshape(bt, nb, 1, nn))
+                if not self.symmetric:
+                    zp = q.zero_points.reshape(bt, nn, nb).transpose(0, 2, 1)
+                    self._packed[key + "_z"] = self.const("zero_point", zp.reshape(bt, nb, 1, nn))
+            p, s, z = self._packed[key], self._packed[key + "_s"], self._packed.get(key + "_z")
+            nbytes = p.values.nbytes + s.values.nbytes + (z.values.nbytes if z is not None else 0)
+            blocks = self._unpack(graph, p, s, z, axis=2)
+            full = [*self.shape[:-2], kp, nn]
+            red_axis = len(self.shape) - 2
+        else:  # [N, K]
+            p, s, z, nbytes = self._packed_rows()
+            blocks = self._unpack(graph, p, s, z, axis=2)
+            full = [n, kp]
+            red_axis = 1
+        out_shape = self.const("shape", np.array(full, np.int64))
+        w = self.node(graph, "Reshape", [blocks, out_shape], self.var("dequantized"))
+        if kp != q.k:
+            w = self._slice(graph, w, red_axis, q.k)
+        w.shape = self.shape
+        return w, nbytes
+
+    def _slice(self, graph: gs.Graph, x: gs.Tensor, axis: int, size: int) -> gs.Tensor:
+        starts = self.const("starts", np.array([0], np.int64))
+        ends = self.const("ends", np.array([size], np.int64))
+        axes = self.const("axes", np.array([axis], np.int64))
+        return self.node(graph, "Slice", [x, starts, ends, axes], self.var("sliced"))
+
+    def _gather_load(self, use: _Use) -> tuple[str, str, int]:
+        """``Gather`` of packed rows and scales, then unpack only the gathered rows."""
+        graph, node = use.graph, use.node
+        ids, out = node.inputs[1], node.outputs[0]
+        p, s, z, nbytes = self._packed_rows()
+        kp = self.q.codes.shape[1]
+        rows = self.node(graph, "Gather", [p, ids], self.var("rows", np.uint8), axis=0)
+        row_s = self.node(graph, "Gather", [s, ids], self.var("row_scale", s.dtype), axis=0)
+        row_z = None if z is None else self.node(graph, "Gather", [z, ids], self.var("row_zero", np.uint8), axis=0)
+        blocks = self._unpack(graph, rows, row_s, row_z, axis=-1)
+        ids_shape = self.node(graph, "Shape", [ids], self.var("ids_shape", np.int64))
+        width = self.const("width", np.array([kp], np.int64))
+        shape = self.node(graph, "Concat", [ids_shape, width], self.var("out_shape", np.int64), axis=0)
+        if kp == self.q.k:
+            node.op, node.attrs = "Reshape", {}
+            _set_inputs(node, [blocks, shape])
+            node.name = node.name or self.name("Reshape")
+        else:
+            flat = self.node(graph, "Reshape", [blocks, shape], self.var("padded"))
+            starts = self.const("starts", np.array([0], np.int64))
+            ends = self.const("ends", np.array([self.q.k], np.int64))
+            axes = self.const("axes", np.array([-1], np.int64))
+            node.op, node.attrs = "Slice", {}
+            _set_inputs(node, [flat, starts, ends, axes])
+        del out
+        return "gather-load", p.name, nbytes
+
+    # -- onnxruntime contrib ops --------------------------------------------------------------------
+
+    def _nbits_ok(self, use: _Use) -> bool:
+        a = use.activation
+        shape = getattr(a, "shape", None)
+        return self.red == 0 and len(self.shape) == 2 and not (shape is not None and len(shape) < 2)
+
+    def _matmul_nbits(self, use: _Use) -> tuple[str, str, int]:
+        q = self.q
+        n, kp = q.codes.shape
+        nb = kp // q.block
+        if "nbits" not in self._packed:
+            self._packed["nbits"] = self.const("MatMulNBits_B", pack_pairs(q.codes).reshape(n, nb, q.block // 2))
+            self._packed["nbits_s"] = self.const("MatMulNBits_scales", q.scales.astype(np.float32).reshape(-1))
+            if not self.symmetric:
+                zp = q.zero_points
+                if nb % 2:
+                    zp = np.concatenate([zp, np.full((n, 1), 8, np.uint8)], axis=1)
+                self._packed["nbits_z"] = self.const("MatMulNBits_zero_points", pack_pairs(zp))
+        b, s, z = self._packed["nbits"], self._packed["nbits_s"], self._packed.get("nbits_z")
+        node = use.node
+        node.op, node.domain = "MatMulNBits", "com.microsoft"
+        _set_inputs(node, [node.inputs[0], b, s] + ([z] if z is not None else []))
+        node.attrs = {"K": int(q.k), "N": int(n), "bits": 4, "block_size": int(q.block)}
+        nbytes = b.values.nbytes + s.values.nbytes + (z.values.nbytes if z is not None else 0)
+        return "MatMulNBits", b.name, nbytes
+
+    def _gather_block_quantized(self, use: _Use) -> tuple[str, str, int]:
+        q = self.q
+        n, kp = q.codes.shape
+        if "gbq" not in self._packed:
+            self._packed["gbq"] = self.const("GatherBlockQuantized_data", pack_pairs(q.codes))
+            self._packed["gbq_s"] = self.const("GatherBlockQuantized_scales", q.scales.astype(np.float32))
+            if not self.symmetric:
+                zp = q.zero_points
+                if zp.shape[1] % 2:
+                    zp = np.concatenate([zp, np.full((n, 1), 8, np.uint8)], axis=1)
+                self._packed["gbq_z"] = self.const("GatherBlockQuantized_zero_points", pack_pairs(zp))
+        d, s, z = self._packed["gbq"], self._packed["gbq_s"], self._packed.get("gbq_z")
+        node = use.node
+        node.op, node.domain = "GatherBlockQuantized", "com.microsoft"
+        _set_inputs(node, [d, node.inputs[1], s] + ([z] if z is not None else []))
+        node.attrs = {"bits": 4, "block_size": int(q.block), "gather_axis": 0, "quantize_axis": 1}
+        nbytes = d.values.nbytes + s.values.nbytes + (z.values.nbytes if z is not None else 0)
+        return "GatherBlockQuantized", d.name, nbytes
+
+
+def _unique(nodes: list[gs.Node]) -> list[gs.Node]:
+    out: list[gs.Node] = []
+    for n in nodes:
+        if not any(n is o for o in out):
+            out.append(n)
+    return out
+
+
+def _set_inputs(node: gs.Node, inputs: list[gs.Tensor]) -> None:
+    """Replace all inputs of ``node`` (keeping graphsurgeon's consumer lists in sync)."""
+    node.inputs.clear()
+    node.inputs.extend(inputs)
