@@ -11,7 +11,7 @@ from collections.abc import Callable
 from .errors import OnnxCompressError
 from .passes.base import Params, Pass
 from .passes.fold.branches import FoldIfPass
-from .passes.fold.constants import FoldConstantsPass
+from .passes.fold.constants import FoldConstantsConfig, FoldConstantsPass
 from .passes.fold.dce import AnnotateShapesPass, DeadCodePass
 from .passes.fold.dedup import CommonSubexpressionPass, DedupConstantsPass
 from .passes.fold.fusions import (
@@ -31,12 +31,22 @@ from .passes.quantize.static import Int8StaticPass, int8_static_config
 from .pipeline import FixedPointPass
 
 
-def fold_pass() -> Pass:
-    """The lossless simplifier: its passes repeated until a round changes nothing."""
+def fold_pass(params: Params | None = None) -> Pass:
+    """The lossless simplifier: its passes repeated until a round changes nothing.
+
+    Size guard settings (``--param``): ``fold_max_growth`` (an output may be this many times the
+    bytes it frees, default 1; ``inf`` folds everything, as onnxsim does) and ``fold_growth_budget``
+    (small outputs may grow the model by this fraction in all, default 0.10).
+    """
+    params = params or Params()
+    config = FoldConstantsConfig(
+        max_growth=params.get_float("fold_max_growth", FoldConstantsConfig.max_growth),
+        max_total_growth=params.get_float("fold_growth_budget", FoldConstantsConfig.max_total_growth),
+    )
     return FixedPointPass(
         "fold",
         [
-            FoldConstantsPass(),
+            FoldConstantsPass(config),
             FoldIfPass(),
             EliminateNoOpsPass(),
             FuseBatchNormPass(),
@@ -56,7 +66,7 @@ def fold_pass() -> Pass:
 PassFactory = Callable[[Params], Pass]
 
 PASSES: dict[str, PassFactory] = {
-    "fold": lambda params: fold_pass(),
+    "fold": fold_pass,
     # Blocks of 32 along K for MatMul/Gemm, per channel for Conv, per row for embeddings; dequantized
     # once at load (standard Cast/Mul/Reshape that runtimes constant-fold).
     "int8-weights": lambda params: Int8WeightsPass(Int8WeightsConfig(granularity="block")),

@@ -589,7 +589,9 @@ def _work_fold_compress(model: str, output: str, params: dict[str, Any]) -> dict
     rss_import = _peak_rss_bytes(resource.RUSAGE_SELF)
     start = time.perf_counter()
     try:
-        report = oc.compress(model, output, ["fold"], tolerances=list(params["tolerances"]), force=True)
+        report = oc.compress(
+            model, output, ["fold"], tolerances=list(params["tolerances"]), force=True, params=params.get("params")
+        )
         validation_failed = False
     except oc.ValidationFailed as exc:
         report, validation_failed = exc.report, True
@@ -1085,6 +1087,7 @@ class FoldTool:
     worker: str
     python: str
     module: str | None = None
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def fold_tools(anchor_python: str | None) -> list[FoldTool]:
@@ -1092,6 +1095,15 @@ def fold_tools(anchor_python: str | None) -> list[FoldTool]:
     tools = [
         FoldTool("oc-fold", "onnxcompress", "fold-compress", sys.executable),
         FoldTool("oc-fold-pass", "onnxcompress", "fold-pass", sys.executable),
+        # The size guard lifted (--param fold_max_growth=inf): what fold does when asked to materialise
+        # every constant, as the anchors do.
+        FoldTool(
+            "oc-fold-unguarded",
+            "onnxcompress",
+            "fold-compress",
+            sys.executable,
+            params={"params": {"fold_max_growth": "inf"}},
+        ),
     ]
     if anchor_python is not None:
         tools += [FoldTool(m, "anchor", m, anchor_python, m) for m in FOLD_ANCHOR_MODULES]
@@ -1642,7 +1654,7 @@ def run_fold_worker(tool: FoldTool, model: Path, output: Path, args: argparse.Na
     """Run the tool's worker; a run under ``FOLD_REPEAT_BELOW_S`` is repeated (``--fold-repeat`` runs in
     all) and ``seconds`` is the median, so sub-second comparisons are not one noisy sample. The RSS
     and the other figures are the first run's."""
-    params = {"tolerances": FOLD_TOLERANCES}
+    params = {"tolerances": FOLD_TOLERANCES, **tool.params}
     res = run_worker(tool.python, tool.worker, model, output, params, args.tool_timeout)
     samples = [res["seconds"]] if res.get("ok") and res.get("seconds") is not None else []
     while samples and samples[0] < FOLD_REPEAT_BELOW_S and len(samples) < args.fold_repeat:
@@ -1762,6 +1774,8 @@ class FoldVerdict:
     fold_compress_seconds: float | None
     onnxslim_seconds: float | None
     note: str = ""
+    nodes_unguarded: int | None = None
+    nodes_unguarded_ok: bool | None = None
 
 
 def fold_verdicts(cases: list[FoldCase], rows: list[FoldRow]) -> list[dict[str, Any]]:
@@ -1771,6 +1785,7 @@ def fold_verdicts(cases: list[FoldCase], rows: list[FoldRow]) -> list[dict[str, 
     for case in cases:
         by = {r.tool: r for r in rows if r.model == case.name}
         fold, alone, slim = by.get("oc-fold"), by.get("oc-fold-pass"), by.get("onnxslim")
+        unguarded = by.get("oc-fold-unguarded")
         good = [r for r in by.values() if r.kind == "anchor" and r.good and r.nodes_after is not None]
         best = min(good, key=lambda r: r.nodes_after or 0, default=None)
         bad = [r.tool for r in by.values() if r.kind == "anchor" and not r.good]
@@ -1788,6 +1803,9 @@ def fold_verdicts(cases: list[FoldCase], rows: list[FoldRow]) -> list[dict[str, 
             onnxslim_seconds=slim.seconds if slim and slim.ran else None,
             note=f"anchors excluded (failed or broke the model): {', '.join(bad)}" if bad else "",
         )
+        if unguarded is not None and unguarded.good and best is not None:
+            v.nodes_unguarded = unguarded.nodes_after
+            v.nodes_unguarded_ok = (unguarded.nodes_after or 0) <= (best.nodes_after or 0)
         if fold is not None and not fold.good:
             v.nodes_ok = False
             v.note = "onnxcompress fold failed or broke the model" + (f"; {v.note}" if v.note else "")
@@ -1908,6 +1926,8 @@ def format_fold(section: dict[str, Any]) -> str:
             else "no anchor with a correct output"
         )
         detail = f"{fold}, {best}"
+        if v.get("nodes_unguarded") is not None:
+            detail += f"; unguarded fold {v['nodes_unguarded']} ({yn(v['nodes_unguarded_ok'])})"
         lines.append(f"  {v['model']}: {yn(v['nodes_ok'])}  [{detail}]" + (f"  {v['note']}" if v["note"] else ""))
     lines.append("fold time <= onnxslim time (fold pass: load + fold + save, no validation):")
     for v in verdicts:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from _models import _model, assert_equivalent, conv_model, matmul_model, save, shape_chain_model
+from _models import _model, assert_equivalent, conv_model, matmul_model, run, save, shape_chain_model
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -277,3 +277,17 @@ def test_light_models_never_grow(tmp_path: Path, path: Path) -> None:
     out, report = _fold(path, tmp_path / "f.onnx")
     assert out.stat().st_size <= 1.1 * path.stat().st_size
     assert report.stats["nodes_after"] <= report.stats["nodes_before"]
+
+
+def test_size_guard_can_be_lifted_when_asked(tmp_path: Path) -> None:
+    src = save(shape_chain_model(), tmp_path / "m.onnx")
+    model = oc.load(src)
+    PASSES["fold"](Params({"fold_max_growth": "inf"})).run(model, PassContext())
+    out = tmp_path / "f.onnx"
+    oc.save(model, out, force=True)
+    # the 4 MB ConstantOfShape is materialised (as onnxsim would) and its ReduceSum folded with it
+    assert _ops(out)["ConstantOfShape"] == 0 and _ops(out)["ReduceSum"] == 0
+    x = {"x": np.random.default_rng(0).standard_normal((2, 4, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run(out, x)[0], run(src, x)[0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(oc.OnnxCompressError, match="fold_max_growth"):
+        PASSES["fold"](Params({"fold_max_growth": "lots"}))
