@@ -56,16 +56,14 @@ INT8_CASE_PREFIXES = (
 )
 
 # (case id, pass) -> why it fails today, one group per root cause. Case ids as the script prints them.
-_RANGE = "fold-if exposes the [1]-shaped Range limit of onnx's AffineGrid function body to shape inference"
+# (Empty today: the last entry, fold-if exposing AffineGrid's [1]-shaped Range inputs, is fixed.)
 
 
 def _known(reason: str, items: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
     return dict.fromkeys(items, reason)
 
 
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    **_known(_RANGE, [("node/test_affine_grid_2d_expanded", "fold")]),
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 # Loader refusals that are bugs (a refusal is otherwise a legitimate outcome, not a failure).
 KNOWN_BAD_REFUSALS: dict[str, str] = {}
 

@@ -93,6 +93,25 @@ class FoldIfPass:
         detach_node(node)
         node.attrs.clear()  # the dead If must not count as holding the branch any more
         branch.nodes = []
+        for if_out, _ in outs:
+            for consumer in [c for c in if_out.outputs if c.op == "Range"]:
+                # Range reads one element of each input. Inside an If body a [1]-shaped value runs
+                # (shape inference does not see its shape there); inlined, onnxruntime's load-time
+                # inference sees [1] and refuses the model. A Reshape to [] for the Range alone keeps
+                # the value (found by the onnx backend case test_affine_grid_2d_expanded).
+                scalar = gs.Variable(fresh_name(names, f"{if_out.name}_scalar"), dtype=if_out.dtype, shape=[])
+                target = gs.Constant(fresh_name(names, f"{if_out.name}_scalar_shape"), np.zeros(0, dtype=np.int64))
+                graph.nodes.append(
+                    gs.Node(
+                        "Reshape",
+                        name=fresh_name(names, f"{if_out.name}_Reshape"),
+                        inputs=[if_out, target],
+                        outputs=[scalar],
+                    )
+                )
+                for i, t in enumerate(consumer.inputs):
+                    if t is if_out:
+                        consumer.inputs[i] = scalar
         tree = GraphTree(model.graph)
         for if_out, b_out in outs:
             if id(b_out) in local and replace_tensor(tree, if_out, b_out):
@@ -102,3 +121,4 @@ class FoldIfPass:
                 gs.Node("Identity", name=fresh_name(names, f"{if_out.name}_Identity"), inputs=[b_out], outputs=[if_out])
             )
         return True
+
