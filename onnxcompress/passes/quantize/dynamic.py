@@ -59,7 +59,7 @@ from ...graph import Model, all_tensor_names, constant_meta, constant_value, fre
 from ..base import GraphSize, Params, PassContext, PassReport, is_excluded
 from ._common import refuse_quantized
 from ._math import quantize_symmetric, symmetric_scales
-from .gptq import prepare_hessian
+from .gptq import PreparedHessian, prepare_hessian
 from .weights import Int8WeightsConfig, Int8WeightsPass
 
 QMAX = 127
@@ -123,6 +123,7 @@ class Int8DynamicPass:
         self._ranges: dict[str, tuple[float, float]] = {}
         self._chan_min: dict[str, np.ndarray] = {}
         self._hessians: dict[int, np.ndarray] = {}
+        self._prepared: dict[int, PreparedHessian] = {}
         report = PassReport(self.name)
         before = GraphSize.of(model)
         ops: dict[str, int] = {}
@@ -315,7 +316,9 @@ class Int8DynamicPass:
             scale = symmetric_scales(w, 1, QMAX)
             h = self._hessians.get(id(b))
             if h is not None and h.shape[0] == w.shape[0]:
-                q = gptq_int8(w, h, scale, damp=self.config.damp)
+                if id(h) not in self._prepared:  # weights reading one activation share its factorisation
+                    self._prepared[id(h)] = prepare_hessian(h, 1, self.config.damp)
+                q = gptq_int8(w, self._prepared[id(h)], scale)
             else:
                 q = quantize_symmetric(w, scale, 1, QMAX, np.int8)
             weights[key] = _Weight(
@@ -527,14 +530,16 @@ class Int8DynamicPass:
         return done[id(a)]
 
 
-def gptq_int8(w: np.ndarray, h: np.ndarray, scale: np.ndarray, damp: float = 0.01, batch: int = 128) -> np.ndarray:
+def gptq_int8(
+    w: np.ndarray, h: np.ndarray | PreparedHessian, scale: np.ndarray, damp: float = 0.01, batch: int = 128
+) -> np.ndarray:
     """GPTQ of ``w [K, N]`` to symmetric int8 with fixed per-column ``scale [N]`` (see ``gptq.py``).
 
     ``h [K, K] = sum X^T X`` over the calibration inputs. Columns of ``w`` are output channels, so the
     sweep runs over the ``K`` rows; each row's rounding error is spread over the rows not yet
     quantized, which minimises ``||X W - X W'||^2`` instead of ``||W - W'||^2``.
     """
-    prep = prepare_hessian(h, 1, damp)
+    prep = h if isinstance(h, PreparedHessian) else prepare_hessian(h, 1, damp)
     u = prep.u
     wq = np.asarray(w, dtype=np.float32).T.copy()  # [N, K]
     wq[:, prep.dead] = 0.0
