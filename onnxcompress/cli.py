@@ -17,7 +17,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import api
+from . import api, cli_batch
+from . import recipe as recipe_mod
 from .errors import OnnxCompressError, ValidationFailed
 from .feeds import parse_shapes
 from .io import parse_size
@@ -223,8 +224,21 @@ def validate(
 
 @app.command()
 def compress(
-    model: Annotated[Path, typer.Argument(help="The .onnx model to compress (never modified).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the compressed model.")],
+    model: Annotated[Path | None, typer.Argument(help="The .onnx model to compress (never modified).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the compressed model.")] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--recipe",
+            "-r",
+            help="A recipe TOML file, or a preset: edge-int8, edge-int4, fp16, max-compression. It sets the "
+            "passes; --calibration, --target, --inputs, --tolerance and the other data options override it.",
+        ),
+    ] = None,
+    print_recipe: Annotated[
+        bool,
+        typer.Option("--print-recipe", help="Print these options as a recipe (TOML) and exit; run it with --recipe."),
+    ] = False,
     fold: Annotated[
         bool | None,
         typer.Option(
@@ -249,7 +263,10 @@ def compress(
     ] = None,
     inputs: InputsOpt = None,
     shape: ShapeOpt = None,
-    int_high: IntHighOpt = 100,
+    int_high: Annotated[
+        int | None,
+        typer.Option("--int-high", help="Generated integer inputs are drawn from [0, INT_HIGH) (default 100)."),
+    ] = None,
     labels: LabelsOpt = None,
     label_output: LabelOutputOpt = None,
     tolerance: ToleranceOpt = None,
@@ -263,13 +280,13 @@ def compress(
         ),
     ] = None,
     target: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--target",
             help="standard: only standard ONNX ops (runs on any ONNX runtime); onnxruntime: also onnxruntime "
-            "contrib ops (MatMulNBits, GatherBlockQuantized, DynamicQuantizeMatMul, ...).",
+            "contrib ops (MatMulNBits, GatherBlockQuantized, DynamicQuantizeMatMul, ...). Default: standard.",
         ),
-    ] = "standard",
+    ] = None,
     exclude: Annotated[
         list[str] | None,
         typer.Option(
@@ -302,29 +319,79 @@ def compress(
     max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Compress MODEL into OUTPUT, validate it against MODEL, and write it only if it passes."""
-    techniques = (["fold"] if fold else []) + ([quantize] if quantize else []) + list(technique or [])
-    if not techniques:
-        raise OnnxCompressError("nothing to do: choose a technique, e.g. --quantize int8-weights")
+    data_options = {
+        "calibration": calibration,
+        "target": target,
+        "tolerance": tolerance,
+        "inputs": inputs,
+        "shape": shape,
+        "int_high": int_high,
+        "labels": labels,
+        "label_output": label_output,
+        "skip_validation": skip_validation,
+        "external_data": external_data,
+    }
+    rec: recipe_mod.Recipe | None = None
+    if recipe is not None:
+        given = [
+            flag
+            for flag, v in (
+                ("--fold/--no-fold", fold),
+                ("--quantize", quantize),
+                ("--technique", technique),
+                ("--exclude", exclude),
+                ("--param", param),
+            )
+            if v
+        ]
+        if fold is not None and "--fold/--no-fold" not in given:
+            given.insert(0, "--fold/--no-fold")
+        if given:
+            raise OnnxCompressError(f"--recipe sets the passes: drop {given[0]} or put it in the recipe")
+        rec = recipe_mod.override(recipe_mod.load_recipe(recipe), **data_options)
+    elif print_recipe:
+        rec = recipe_mod.recipe_from_options(
+            fold=fold, quantize=quantize, technique=technique, exclude=exclude, param=param, **data_options
+        )
+    if print_recipe:
+        assert rec is not None
+        sys.stdout.write(recipe_mod.to_toml(rec))
+        return
+    if model is None or output is None:
+        raise OnnxCompressError("missing " + ("MODEL" if model is None else "--output/-o") + ": see --help")
     failed: ValidationFailed | None = None
     try:
         with _status() as update:
-            r = api.compress(
-                model,
-                output,
-                techniques,
-                feeds=_feed_options(inputs, shape, int_high, labels, label_output),
-                tolerances=tolerance,
-                force=force,
-                external_data=external_data,
-                max_memory=parse_size(max_memory) if max_memory else None,
-                validate=not skip_validation,
-                progress=update,
-                calibration=calibration,
-                target=target,
-                exclude=list(exclude or []),
-                fold=fold is not False,
-                params=Params.parse(param).items,
-            )
+            if rec is not None:
+                r = recipe_mod.compress(
+                    rec,
+                    model,
+                    output,
+                    force=force,
+                    max_memory=parse_size(max_memory) if max_memory else None,
+                    progress=update,
+                )
+            else:
+                techniques = (["fold"] if fold else []) + ([quantize] if quantize else []) + list(technique or [])
+                if not techniques:
+                    raise OnnxCompressError("nothing to do: choose a technique, e.g. --quantize int8-weights")
+                r = api.compress(
+                    model,
+                    output,
+                    techniques,
+                    feeds=_feed_options(inputs, shape, 100 if int_high is None else int_high, labels, label_output),
+                    tolerances=tolerance,
+                    force=force,
+                    external_data=external_data,
+                    max_memory=parse_size(max_memory) if max_memory else None,
+                    validate=not skip_validation,
+                    progress=update,
+                    calibration=calibration,
+                    target=target or "standard",
+                    exclude=list(exclude or []),
+                    fold=fold is not False,
+                    params=Params.parse(param).items,
+                )
     except ValidationFailed as exc:
         failed, r = exc, exc.report
     if report:
@@ -355,6 +422,9 @@ def compress(
         out.print(f"written: {r.output['path']}" if r.written else "[red]not written[/]")
     if failed is not None:
         raise failed
+
+
+cli_batch.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

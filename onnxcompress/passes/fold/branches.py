@@ -121,4 +121,3 @@ class FoldIfPass:
                 gs.Node("Identity", name=fresh_name(names, f"{if_out.name}_Identity"), inputs=[b_out], outputs=[if_out])
             )
         return True
-
