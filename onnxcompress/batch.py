@@ -562,6 +562,10 @@ def run_batch(
         if (out_root / rel).resolve() == src.resolve():
             raise OnnxCompressError(f"output {out_root / rel} would overwrite its input: choose another output folder")
     out_root.mkdir(parents=True, exist_ok=True)
+    # Temp folders of killed runs (SIGKILL leaves them; no process can clean up after it).
+    for folder in {(out_root / rel).parent for _, rel in planned} | {out_root}:
+        if folder.is_dir():
+            io.clean_stale_temp(folder)
     recipe_text = recipe_mod.to_toml(recipe)
     prev = {} if force else load_previous(out_root)
     note = on_event or (lambda _e, _j, _r: None)

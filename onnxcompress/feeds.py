@@ -45,7 +45,7 @@ def input_signature(model: Model) -> list[InputSpec]:
             dtype = np.dtype(t.dtype if not isinstance(t.dtype, int) else _onnx_to_np(t.dtype))
         except (TypeError, KeyError, ValueError):
             raise OnnxCompressError(
-                f"model input {t.name!r} is not a tensor onnxcompress can feed (type {str(t.dtype).split()[0]})"
+                f"model input {t.name!r} is not a tensor onnxcompress can feed (type {(str(t.dtype).split() or ['?'])[0]!s})"
             ) from None
         shape = None if t.shape is None else tuple(d if isinstance(d, int) and d >= 0 else (d or None) for d in t.shape)
         specs.append(InputSpec(t.name, dtype, shape))

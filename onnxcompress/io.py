@@ -759,6 +759,21 @@ def _owned_data_files(out: Path) -> list[Path]:
         return []
 
 
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs. A zombie (killed, not yet reaped: containers whose init never reaps) is dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    return not any(line.startswith("State:") and "Z" in line.split()[1:2] for line in status.splitlines())
+
+
 def clean_stale_temp(folder: Path) -> None:
     """Remove temp folders left in ``folder`` by onnxcompress processes that no longer run."""
     try:
@@ -773,12 +788,7 @@ def clean_stale_temp(folder: Path) -> None:
         except ValueError:
             continue
         if pid != os.getpid():
-            try:
-                os.kill(pid, 0)
-                continue  # still running
-            except ProcessLookupError:
-                pass
-            except PermissionError:
+            if _process_alive(pid):
                 continue
         elif entry.exists():
             continue

@@ -1,4 +1,4 @@
-"""Crash trials: SIGKILL ``onnxcompress compress`` at random moments, and fill the disk.
+"""Crash trials: SIGKILL ``onnxcompress compress`` and ``batch`` at random moments, and fill the disk.
 
 Kill trials: a MatMul/Relu chain with ``--mb`` MB of float32 weights in external data (built with
 ``scripts/big_model.py``) is compressed (``compress -q int8-weights``) by a subprocess that gets
@@ -132,6 +132,70 @@ def kill_trial(src: Path, folder: Path, delay: float) -> dict[str, Any]:
     }
 
 
+def batch_argv(inputs: Path, outdir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "onnxcompress", "batch", str(inputs), "-o", str(outdir), "-r", "edge-int8", *extra]
+
+
+def build_batch_inputs(folder: Path, count: int) -> Path:
+    """``count`` copies of the bundled models (with their sidecars) in a tree under ``folder``."""
+    models = HERE.parent / "models"
+    stems = ["digits_cnn", "digits_keras", "tiny_transformer", "resnet_cnn"]
+    for i in range(count):
+        stem = stems[i % len(stems)]
+        sub = folder / f"group{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        for f in models.glob(f"{stem}.*"):
+            shutil.copy(f, sub / f.name.replace(stem, f"{stem}_{i}", 1))
+    return folder
+
+
+def batch_kill_trial(inputs: Path, folder: Path, delay: float) -> dict[str, Any]:
+    """SIGKILL ``batch`` after ``delay`` s; every output is absent or valid; the rerun resumes and completes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    outdir = folder / "out"
+    p = subprocess.Popen(
+        batch_argv(inputs, outdir, "--jobs", "2"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    time.sleep(delay)
+    finished = p.poll() is not None
+    if not finished:
+        os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    violations = []
+    outputs = sorted(outdir.rglob("*.onnx")) if outdir.exists() else []
+    states = Counter()
+    for out in outputs:
+        state, detail = check_output(out)
+        states[state] += 1
+        if state == "partial":
+            violations.append(f"partial output after kill: {out.name}: {detail}")
+    r, secs = timed_run(batch_argv(inputs, outdir, "--jobs", "2"))
+    if r.returncode != 0:
+        violations.append(f"rerun exit {r.returncode}: {r.stderr.strip()[-300:]}")
+    expected = sorted(p.relative_to(inputs) for p in inputs.rglob("*.onnx"))
+    got = sorted(p.relative_to(outdir) for p in outdir.rglob("*.onnx"))
+    if got != expected:
+        violations.append(f"rerun outputs {len(got)} != inputs {len(expected)}")
+    for out in outdir.rglob("*.onnx"):
+        state, detail = check_output(out)
+        if state != "valid":
+            violations.append(f"rerun output {out.name} {state}: {detail}")
+    tmp = [str(t) for t in outdir.rglob(f"{TMP_PREFIX}*")]
+    if tmp:
+        violations.append(f"rerun left temp folders {tmp}")
+    return {
+        "delay_s": round(delay, 3),
+        "killed": not finished,
+        "outputs_after_kill": dict(states),
+        "rerun_exit": r.returncode,
+        "rerun_s": round(secs, 2),
+        "violations": violations,
+    }
+
+
 def _limit_fsize(limit: int):
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an ignored disposition survives exec
@@ -175,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, help="default: a temp folder, removed afterwards")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--batch-trials", type=int, default=20, help="SIGKILL trials of `batch` (0: none)")
+    ap.add_argument("--batch-models", type=int, default=8, help="models in the batch of the batch trials")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="onnxcompress-crash-"))
@@ -211,7 +277,28 @@ def main(argv: list[str] | None = None) -> int:
             )
             if d["violations"]:
                 print(f"  VIOLATION {d['violations']}")
+        batch_trials = []
+        if args.batch_trials:
+            inputs = build_batch_inputs(work / "batch-in", args.batch_models)
+            ref_b, batch_s = timed_run(batch_argv(inputs, work / "batch-ref", "--jobs", "2"))
+            if ref_b.returncode != 0:
+                print(f"reference batch failed: {ref_b.stderr.strip()[-300:]}")
+                return 1
+            print(f"uninterrupted batch of {args.batch_models} models: {batch_s:.2f}s")
+            for i in range(args.batch_trials):
+                res = batch_kill_trial(inputs, work / f"b{i}", rng.uniform(0.05, 1.0) * batch_s)
+                batch_trials.append(res)
+                print(
+                    f"batch trial {i:3d}: delay {res['delay_s']:.2f}s killed={res['killed']!s:5} "
+                    f"outputs={res['outputs_after_kill']} rerun_exit={res['rerun_exit']} {res['violations'] or ''}",
+                    flush=True,
+                )
+                shutil.rmtree(work / f"b{i}", ignore_errors=True)
         summary = {
+            "batch_trials": len(batch_trials),
+            "batch_killed": sum(t["killed"] for t in batch_trials),
+            "batch_violations": sum(len(t["violations"]) for t in batch_trials),
+            "batch_details": batch_trials,
             "trials": len(trials),
             "model_weights_mb": args.mb,
             "uninterrupted_s": round(full_s, 2),
@@ -221,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             "trials_with_orphan_data_after_kill": sum(t["orphan_data_after_kill"] for t in trials),
             "reruns_ok": sum(t["rerun_exit"] == 0 for t in trials),
             "tmp_after_rerun": sum(t["tmp_dirs_after_rerun"] for t in trials),
-            "violations": sum(len(t["violations"]) for t in trials) + sum(len(d["violations"]) for d in disk),
+            "violations": sum(len(t["violations"]) for t in trials)
+            + sum(len(d["violations"]) for d in disk)
+            + sum(len(t["violations"]) for t in batch_trials),
             "disk_full": disk,
             "details": trials,
         }
@@ -234,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             "trials_with_orphan_data_after_kill",
             "reruns_ok",
             "tmp_after_rerun",
+            "batch_trials",
+            "batch_killed",
+            "batch_violations",
             "violations",
         ):
             print(f"{k}: {summary[k]}")

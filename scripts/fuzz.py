@@ -57,8 +57,11 @@ from onnx import TensorProto
 from onnx import helper as h
 
 TMP_PREFIX = ".onnxcompress-tmp-"
-COMMANDS = ["inspect", "compress-q", "compress-fold", "validate"]
-GENERATORS = ["truncate", "bitflip", "wrong_types", "odd_graph", "bad_npz", "bad_tolerance"]
+COMMANDS = [
+    "inspect", "compress-q", "compress-fold", "validate", "compress-dynamic", "compress-static", "compress-int4",
+    "compress-fp16", "batch",
+]  # fmt: skip
+GENERATORS = ["truncate", "bitflip", "wrong_types", "odd_graph", "bad_npz", "bad_tolerance", "bad_recipe"]
 
 
 # --------------------------------------------------------------------------- seed models
@@ -558,6 +561,50 @@ def gen_bad_tolerance(rng: random.Random) -> Case:
     return Case("bad_tolerance", {"m.onnx": _ser(m)}, cmd, extra=extra, note=repr(extra))
 
 
+_RECIPE_LINES = [
+    '[[pass]]\nname = "fold"\n',
+    '[[pass]]\nname = "quantize"\nmode = "int8-dynamic"\n',
+    '[[pass]]\nname = "quantize"\nmode = "int9"\n',
+    '[[pass]]\nname = "quantize"\nmode = 8\n',
+    '[[pass]]\nname = "prune"\n',
+    '[[pass]]\nname = "quantize"\nmode = "int4"\nparams = { block_size = 33 }\n',
+    '[[pass]]\nname = "quantize"\nmode = "int8-dynamic"\nexclude = "notalist"\n',
+    '[[pass]]\nname = "quantize"\nmode = "int8-dynamic"\nexclude = ["(unclosed"]\n',
+    'target = "tpu"\n',
+    'target = "onnxruntime"\n',
+    'calibration = "/nonexistent/calib.npz"\n',
+    '[validate]\ntolerance = ["cosine>=0.5"]\n',
+    '[validate]\ntolerance = "cosine"\n',
+    '[validate]\nshapes = { x = [-1, "a"] }\n',
+    "[params]\nnot_a_setting = 1\n",
+    "unknown_key = 3\n",
+    '[[pass]\nname = "fold"\n',
+    "name = \x00\n",
+    '"""\n',
+    "[[pass]]\n",
+]
+
+
+def gen_bad_recipe(rng: random.Random) -> Case:
+    m = mlp_model(rng.randrange(4))
+    lines = [rng.choice(_RECIPE_LINES) for _ in range(rng.randint(1, 4))]
+    text = "".join(lines)
+    if rng.random() < 0.3:
+        cut = rng.randrange(len(text) + 1)
+        text = text[:cut]
+    if rng.random() < 0.2:
+        text = "".join(rng.choice('[]=."#\n abcdefgpassnamemode{}') for _ in range(rng.randint(0, 60)))
+    cmd = rng.choice(["compress-recipe", "batch"])
+    extra = ["--recipe", "r.toml"] if cmd == "batch" else []
+    return Case(
+        "bad_recipe",
+        {"m.onnx": _ser(m), "r.toml": text.encode("utf-8", "surrogatepass")},
+        cmd,
+        extra=extra,
+        note=text[:80],
+    )
+
+
 GEN_FUNCS = {
     "truncate": gen_truncate,
     "bitflip": gen_bitflip,
@@ -565,6 +612,7 @@ GEN_FUNCS = {
     "odd_graph": gen_odd_graph,
     "bad_npz": gen_bad_npz,
     "bad_tolerance": gen_bad_tolerance,
+    "bad_recipe": gen_bad_recipe,
 }
 
 
@@ -582,8 +630,19 @@ def argv_for(case: Case, folder: Path) -> list[str]:
         "compress-q": ["compress", m, "-o", o, "-q", "int8-weights"],
         "compress-fold": ["compress", m, "-o", o, "--fold"],
         "validate": ["validate", m, m],
+        "compress-dynamic": ["compress", m, "-o", o, "-q", "int8-dynamic"],
+        "compress-static": ["compress", m, "-o", o, "-q", "int8-static"],
+        "compress-int4": ["compress", m, "-o", o, "-q", "int4"],
+        "compress-fp16": ["compress", m, "-o", o, "-q", "fp16"],
+        "compress-recipe": ["compress", m, "-o", o, "--recipe", str(folder / "r.toml")],
+        "batch": ["batch", m, "-o", str(folder / "out" / "b"), "--recipe", "edge-int8", "--jobs", "1"],
     }[case.command]
-    extra = [str(folder / e) if i > 0 and case.extra[i - 1] == "--inputs" else e for i, e in enumerate(case.extra)]
+    if case.command == "batch" and "--recipe" in case.extra:
+        base = base[:-4] + ["--jobs", "1"]
+    extra = [
+        str(folder / e) if i > 0 and case.extra[i - 1] in ("--inputs", "--recipe") else e
+        for i, e in enumerate(case.extra)
+    ]
     return base + extra
 
 
@@ -646,6 +705,19 @@ def check_case(case: Case, folder: Path) -> dict[str, Any]:
         violations.append("internal error")
     partial = False
     out_dir = folder / "out"
+    batch_dir = out_dir / "b"
+    if batch_dir.exists():  # batch: every model written is complete, no temp folder, reports allowed
+        for p in batch_dir.rglob("*"):
+            if p.name.startswith(TMP_PREFIX):
+                partial = True
+                violations.append(f"batch left a temp folder: {p.name}")
+            elif p.suffix == ".onnx":
+                try:
+                    onnx.checker.check_model(str(p), full_check=False)
+                except Exception as exc:  # noqa: BLE001
+                    partial = True
+                    violations.append(f"batch output fails check_model: {str(exc).splitlines()[0][:200]}")
+        shutil.rmtree(batch_dir)
     left = sorted(p.name for p in out_dir.iterdir())
     out = out_dir / "o.onnx"
     if any(n.startswith(TMP_PREFIX) for n in left):
@@ -718,7 +790,7 @@ class Pool:
 
     def _start(self) -> dict[str, Any]:
         parent, child = self.ctx.Pipe()
-        p = self.ctx.Process(target=_worker, args=(child, self.root), daemon=True)
+        p = self.ctx.Process(target=_worker, args=(child, self.root), daemon=False)
         p.start()
         child.close()
         return {"proc": p, "conn": parent, "case": None, "deadline": 0.0, "started": 0.0}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +265,33 @@ def test_crashed_worker_is_isolated(zoo: Path, tmp_path: Path) -> None:
     assert results["m1.onnx"].status == B.ERROR and "worker process died" in results["m1.onnx"].reason
     assert results["deep/m2.onnx"].status == B.OK  # retried alone on a fresh pool if the crash took it down
     assert (out / "deep" / "m2.onnx").is_file() and not (out / "m1.onnx").exists()
+
+
+def test_temp_folders_of_killed_runs_are_cleaned(zoo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs, as after a SIGKILL
+    stale = out / "a" / f".onnxcompress-tmp-{dead.pid}-batch-x1y2"
+    stale.mkdir(parents=True)
+    (stale / "m1.onnx").write_bytes(b"half written")
+    report = B.run_batch([zoo / "a"], out / "a", RECIPE, executor="inline")
+    assert not stale.exists()
+    assert all(not p.name.startswith(".onnxcompress-tmp-") for p in (out / "a").rglob("*"))
+    assert report.results
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_temp_folder_of_a_zombie_worker_is_cleaned(zoo: Path, tmp_path: Path) -> None:
+    """A killed worker nobody reaped yet (a container whose init never reaps) counts as dead."""
+    import time
+
+    out = tmp_path / "out"
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 10
+    while time.time() < deadline and "Z" not in Path(f"/proc/{zombie.pid}/stat").read_text().split()[2]:
+        time.sleep(0.05)
+    stale = out / "a" / f".onnxcompress-tmp-{zombie.pid}-batch-z0"
+    stale.mkdir(parents=True)
+    B.run_batch([zoo / "a"], out / "a", RECIPE, executor="inline")
+    assert not stale.exists()
+    zombie.wait()
