@@ -159,6 +159,7 @@ def compress(
     exclude: list[str] | tuple[str, ...] = (),
     fold: bool = True,
     params: dict[str, str] | None = None,
+    parts: bool = True,
 ) -> CompressionReport:
     """Compress a model file and validate the result against the original.
 
@@ -179,6 +180,7 @@ def compress(
         exclude: Node names, op types or regexes that lossy passes leave in float.
         fold: Run the lossless ``fold`` simplifier first (unless ``techniques`` already has it).
         params: Pass settings (``{"block_size": "64"}``); a key no pass reads is an error.
+        parts: Validate each concatenated part of Concat-produced outputs too (see ``validate``).
 
     Returns:
         The report. If validation fails and not ``force``, raises :class:`ValidationFailed` carrying it.
@@ -224,6 +226,7 @@ def compress(
                 labels=labels,
                 label_output=feed_opts.label_output,
                 feeds_source=source,
+                parts=parts,
             )
         out_size = sum((staged.tmpdir / f).stat().st_size for f in staged.files)
         write = report_v is None or report_v.passed or force
@@ -270,6 +273,7 @@ def validate(
     feeds: FeedOptions | None = None,
     tolerances: list[str] | None = None,
     max_memory: int | None = None,
+    parts: bool = True,
 ) -> ValidationReport:
     """Compare two model files in onnxruntime on the same feeds.
 
@@ -287,7 +291,14 @@ def validate(
     feeds_mod.check_feed(feed_list[0], feeds_mod.input_signature(b), "candidate inputs") if feed_list else None
     del a, b
     return compare(
-        a_path, b_path, feed_list, tols, labels=labels, label_output=feed_opts.label_output, feeds_source=source
+        a_path,
+        b_path,
+        feed_list,
+        tols,
+        labels=labels,
+        label_output=feed_opts.label_output,
+        feeds_source=source,
+        parts=parts,
     )
 
 

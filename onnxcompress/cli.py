@@ -15,10 +15,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import api, cli_batch
 from . import recipe as recipe_mod
+from .cli_diagnose import register as register_diagnose
 from .errors import OnnxCompressError, ValidationFailed
 from .feeds import parse_shapes
 from .io import parse_size
@@ -75,6 +77,14 @@ ToleranceOpt = Annotated[
 ]
 ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full JSON report here.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report instead of tables.")]
+PartsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--parts/--no-parts",
+        help="Also compare each concatenated part of outputs produced by a Concat (e.g. boxes next to scores) "
+        "and gate the tolerances on the worst part.",
+    ),
+]
 MaxMemoryOpt = Annotated[
     str | None,
     typer.Option("--max-memory", help="Memory budget for declared tensor sizes, e.g. 8G (default: 75% of RAM)."),
@@ -128,6 +138,16 @@ def _validation_table(report: ValidationReport) -> Table:
             _fmt(d.top1_agreement, ".4f"),
             "pass" if d.passed else "FAIL",
         )
+        for p in d.parts:
+            table.add_row(
+                escape(f"  [{p.index}] {p.tensor} {p.slice}"),
+                _fmt(p.max_abs, ".3g"),
+                _fmt(p.mean_abs, ".3g"),
+                _fmt(p.cosine, ".6f"),
+                _fmt(p.snr_db, ".1f"),
+                _fmt(p.top1_agreement, ".4f"),
+                "pass" if p.passed else "FAIL",
+            )
     return table
 
 
@@ -203,6 +223,7 @@ def validate(
     report: ReportOpt = None,
     json_out: JsonOpt = False,
     max_memory: MaxMemoryOpt = None,
+    parts: PartsOpt = True,
 ) -> None:
     """Run both models in onnxruntime on the same inputs and compare every output (exit 1 on failure)."""
     r = api.validate(
@@ -211,6 +232,7 @@ def validate(
         feeds=_feed_options(inputs, shape, int_high, labels, label_output),
         tolerances=tolerance,
         max_memory=parse_size(max_memory) if max_memory else None,
+        parts=parts,
     )
     if report:
         write_json(r.to_dict(), report)
@@ -317,6 +339,7 @@ def compress(
     ] = False,
     json_out: JsonOpt = False,
     max_memory: MaxMemoryOpt = None,
+    parts: PartsOpt = True,
 ) -> None:
     """Compress MODEL into OUTPUT, validate it against MODEL, and write it only if it passes."""
     data_options = {
@@ -370,6 +393,7 @@ def compress(
                     force=force,
                     max_memory=parse_size(max_memory) if max_memory else None,
                     progress=update,
+                    parts=parts,
                 )
             else:
                 techniques = (["fold"] if fold else []) + ([quantize] if quantize else []) + list(technique or [])
@@ -391,6 +415,7 @@ def compress(
                     exclude=list(exclude or []),
                     fold=fold is not False,
                     params=Params.parse(param).items,
+                    parts=parts,
                 )
     except ValidationFailed as exc:
         failed, r = exc, exc.report
@@ -425,6 +450,7 @@ def compress(
 
 
 cli_batch.register(app)
+register_diagnose(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,10 +161,11 @@ def compress(
     force: bool = False,
     max_memory: int | None = None,
     progress: Callable[[str], None] | None = None,
+    parts: bool = True,
 ) -> api.CompressionReport:
     """Compress ``model`` into ``output`` as ``recipe`` says (see :func:`onnxcompress.api.compress`)."""
     return api.compress(
-        model, output, force=force, max_memory=max_memory, progress=progress, **recipe.compress_kwargs()
+        model, output, force=force, max_memory=max_memory, progress=progress, parts=parts, **recipe.compress_kwargs()
     )
 
 

@@ -16,6 +16,18 @@ Per output, over all feeds (``a`` = original, ``b`` = candidate, ``d = b - a``):
 With labels, ``accuracy`` of both models (argmax over the last axis of the label output) and
 ``accuracy_drop`` (original - candidate) are reported.
 
+**Output parts.** When a graph output is produced by a ``Concat`` (directly or through ``Identity``,
+``Transpose``, ``Reshape``, ``Flatten``, ``Squeeze``, ``Unsqueeze``), e.g. a detector head
+``Concat(boxes in pixels, sigmoid scores)``, the whole-output cosine is dominated by the large part and
+hides a collapse of the small one. Each concatenated part is then compared on its own
+(``OutputDiff.parts[i]``: the producing tensor's name, the part's ``slice`` of the output, the same
+metrics) and every output tolerance is checked on each part too, so the output passes only if its
+worst part does. The parts are found in the *original* model's graph (read without its weights);
+the concat inputs' sizes come from ONNX shape inference with the feed's input shapes (or, when that
+cannot tell, one extra run of the original on the first feed of that input shape); the part
+positions are then traced through the chain by relabelling (``Transpose`` permutes, the other ops
+keep row-major order). ``compare(..., parts=False)`` turns this off.
+
 Tolerances are strings ``[output:]metric OP value`` with OP in ``>= <= > <``, e.g. ``cosine>=0.999``,
 ``top1>=0.99``, ``max_abs<=1e-3``, ``logits:snr_db>=30``, ``accuracy_drop<=0.005``. Each is checked on
 every output where the metric applies.
@@ -28,13 +40,14 @@ import math
 import operator
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .errors import OnnxCompressError
 
 SNR_CAP = 300.0
+_M = TypeVar("_M", bound="Metrics")
 METRIC_ALIASES = {
     "top1": "top1_agreement",
     "snr": "snr_db",
@@ -100,8 +113,8 @@ class Tolerance:
 
 
 @dataclasses.dataclass
-class OutputDiff:
-    """Differences on one output; ``None`` where a metric does not apply."""
+class Metrics:
+    """Differences on one output (or one part of it); ``None`` where a metric does not apply."""
 
     name: str
     shape: list[int]
@@ -121,6 +134,31 @@ class OutputDiff:
 
     def __bool__(self) -> bool:
         return self.passed
+
+
+@dataclasses.dataclass
+class PartDiff(Metrics):
+    """One concatenated part of an output: ``tensor`` (the Concat input producing it) and ``slice``.
+
+    ``slice`` is numpy-style in the output's coordinates, e.g. ``[:, :, 4:84]``; a part that is not a
+    box of the output (a Reshape interleaved it) is described as ``mask of N elements``. ``shape``
+    is the part's own shape (per feed, the first feed's).
+    """
+
+    index: int = 0
+    tensor: str = ""
+    slice: str = ""
+
+
+@dataclasses.dataclass
+class OutputDiff(Metrics):
+    """Differences on one output, and on each concatenated part of it (see the module docstring).
+
+    ``parts_note`` says why an output produced by a Concat has no ``parts`` (e.g. unknown sizes).
+    """
+
+    parts: list[PartDiff] = dataclasses.field(default_factory=list)
+    parts_note: str | None = None
 
 
 @dataclasses.dataclass
@@ -183,7 +221,12 @@ def _cosines(refs: list[np.ndarray], cands: list[np.ndarray]) -> np.ndarray:
 def output_diff(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -> OutputDiff:
     """Metrics for one output over all feeds (see module docstring)."""
     ref0 = refs[0]
-    diff = OutputDiff(name=name, shape=list(ref0.shape), dtype=str(ref0.dtype))
+    return _fill(OutputDiff(name=name, shape=list(ref0.shape), dtype=str(ref0.dtype)), refs, cands)
+
+
+def _fill(diff: _M, refs: list[np.ndarray], cands: list[np.ndarray]) -> _M:
+    """Compute the metrics of ``refs`` vs ``cands`` into ``diff``."""
+    ref0 = refs[0]
     for a, b in zip(refs, cands):
         if a.shape != b.shape:
             diff.passed = False
@@ -233,6 +276,257 @@ def output_diff(name: str, refs: list[np.ndarray], cands: list[np.ndarray]) -> O
         flat = np.concatenate([x.reshape(-1) for x in agree])
         diff.top1_agreement = float(flat.mean()) if flat.size else 1.0
     return diff
+
+
+# --------------------------------------------------------------------------- output parts
+
+PART_CHAIN_OPS = ("Identity", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+
+@dataclasses.dataclass
+class _Part:
+    """Where one concatenated part sits in an output: a box (``index``) or a boolean ``mask``."""
+
+    tensor: str
+    index: tuple[slice, ...] | None
+    mask: np.ndarray | None
+    text: str
+
+
+@dataclasses.dataclass
+class _Chain:
+    """An output produced by ``concat`` through ``chain`` (from the Concat towards the output)."""
+
+    output: str
+    concat: Any  # onnx.NodeProto
+    chain: list[Any]
+
+
+def _concat_chains(proto: Any) -> dict[str, _Chain]:
+    """``{output: chain}`` for every main-graph output produced by a standard-domain Concat of >= 2 inputs."""
+    graph = proto.graph
+    producer = {o: node for node in graph.node for o in node.output if o}
+    found: dict[str, _Chain] = {}
+    for out in graph.output:
+        name, chain = out.name, []
+        node = producer.get(name)
+        while node is not None and node.domain in ("", "ai.onnx") and node.op_type in PART_CHAIN_OPS:
+            chain.append(node)
+            node = producer.get(node.input[0]) if node.input else None
+        if node is not None and node.domain in ("", "ai.onnx") and node.op_type == "Concat" and len(node.input) >= 2:
+            found[name] = _Chain(name, node, chain[::-1])
+    return found
+
+
+def _concat_axis(node: Any) -> int:
+    for a in node.attribute:
+        if a.name == "axis":
+            return int(a.i)
+    return 0
+
+
+def _perm(node: Any, rank: int) -> list[int]:
+    for a in node.attribute:
+        if a.name == "perm":
+            return [int(p) for p in a.ints]
+    return list(range(rank))[::-1]
+
+
+def _inferred_shapes(proto: Any, feed: dict[str, np.ndarray], names: set[str]) -> dict[str, list[int]]:
+    """Concrete shapes of ``names`` by ONNX shape inference with the feed's input shapes (where known)."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    for inp in model.graph.input:
+        if inp.name in feed and inp.type.HasField("tensor_type"):
+            dims = inp.type.tensor_type.shape
+            del dims.dim[:]
+            for d in np.shape(feed[inp.name]):
+                dims.dim.add().dim_value = int(d)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # shape inference raises on models it cannot handle; then nothing is known
+        return {}
+    shapes: dict[str, list[int]] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        if vi.name not in names or not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = [int(d.dim_value) for d in dims]
+    return shapes
+
+
+def _tapped_shapes(path: Path, feed: dict[str, np.ndarray], names: list[str]) -> dict[str, list[int]]:
+    """Shapes of ``names`` from one run of the original with them added as outputs (models < 2 GB)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    if model.ByteSize() > 2**31 - 2**24:
+        return {}
+    existing = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"])
+    del model
+    values = session.run(names, feed)
+    return {n: list(v.shape) for n, v in zip(names, values)}
+
+
+def _box_text(index: tuple[slice, ...], shape: tuple[int, ...]) -> str:
+    items = [":" if (s.start, s.stop) == (0, n) else f"{s.start}:{s.stop}" for s, n in zip(index, shape)]
+    return "[" + ", ".join(items) + "]"
+
+
+def _locate_parts(chain: _Chain, in_shapes: list[list[int]], out_shape: tuple[int, ...]) -> list[_Part] | str:
+    """Trace each Concat input's positions to the output by relabelling; a reason string on failure."""
+    rank = len(in_shapes[0])
+    axis = _concat_axis(chain.concat)
+    axis = axis + rank if axis < 0 else axis
+    if any(len(s) != rank for s in in_shapes) or not 0 <= axis < rank:
+        return "the Concat inputs' ranks do not match"
+    labels = np.concatenate([np.full(s, i, dtype=np.int32) for i, s in enumerate(in_shapes)], axis=axis)
+    # Shapes of every tensor after the Concat, backwards from the output's (Transpose: inverse perm).
+    shapes: list[tuple[int, ...] | None] = [None] * len(chain.chain)
+    known: tuple[int, ...] | None = tuple(out_shape)
+    for k in range(len(chain.chain) - 1, -1, -1):
+        shapes[k] = known
+        node = chain.chain[k]
+        if node.op_type == "Transpose" and known is not None:
+            perm = _perm(node, len(known))
+            before = [0] * len(known)
+            for i, p in enumerate(perm):
+                before[p] = known[i]
+            known = tuple(before)
+        elif node.op_type != "Identity":
+            known = None
+    for node, shape in zip(chain.chain, shapes):
+        if node.op_type == "Transpose":
+            perm = _perm(node, labels.ndim)
+            if sorted(perm) != list(range(labels.ndim)):
+                return f"Transpose {node.name!r} has a perm that does not fit"
+            labels = np.transpose(labels, perm)
+        elif node.op_type != "Identity":
+            if shape is None or int(np.prod(shape)) != labels.size:
+                return f"cannot trace the parts through {node.op_type} {node.name!r}"
+            labels = labels.reshape(shape)
+    if labels.shape != tuple(out_shape):
+        return "the traced parts do not have the output's shape"
+    parts = []
+    for i, tensor in enumerate(chain.concat.input):
+        mask = labels == i
+        count = int(mask.sum())
+        if count == 0:
+            parts.append(_Part(tensor, tuple(slice(0, 0) for _ in out_shape), None, "empty"))
+            continue
+        nz = np.nonzero(mask)
+        index = tuple(slice(int(x.min()), int(x.max()) + 1) for x in nz)
+        if int(np.prod([s.stop - s.start for s in index])) == count:
+            parts.append(_Part(tensor, index, None, _box_text(index, tuple(out_shape))))
+        else:
+            parts.append(_Part(tensor, None, mask, f"mask of {count} elements"))
+    return parts
+
+
+class _PartFinder:
+    """Finds the concatenated parts of the original's outputs, once per distinct input shape."""
+
+    def __init__(self, original: Path) -> None:
+        import onnx
+
+        self.path = original
+        self.proto = onnx.load(str(original), load_external_data=False)
+        self.chains = _concat_chains(self.proto)
+        self._cache: dict[tuple[Any, ...], dict[str, list[_Part] | str]] = {}
+
+    def parts(
+        self, feed: dict[str, np.ndarray], out_shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, list[_Part] | str]:
+        key = (
+            tuple(sorted((k, np.shape(v)) for k, v in feed.items())),
+            tuple(sorted((k, tuple(v)) for k, v in out_shapes.items() if k in self.chains)),
+        )
+        if key not in self._cache:
+            self._cache[key] = self._find(feed, out_shapes)
+        return self._cache[key]
+
+    def _find(
+        self, feed: dict[str, np.ndarray], out_shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, list[_Part] | str]:
+        wanted = {n for c in self.chains.values() for n in c.concat.input}
+        shapes = _inferred_shapes(self.proto, feed, wanted)
+        missing = sorted(wanted - set(shapes))
+        if missing:
+            try:
+                shapes.update(_tapped_shapes(self.path, feed, missing))
+            except Exception as exc:  # onnxruntime raises its own exception types
+                note = f"part sizes unknown ({_first_line(exc)})"
+                return {name: note for name in self.chains}
+        result: dict[str, list[_Part] | str] = {}
+        for name, chain in self.chains.items():
+            if name not in out_shapes:
+                continue
+            in_shapes = [shapes.get(t) for t in chain.concat.input]
+            if any(s is None for s in in_shapes):
+                result[name] = "the sizes of the Concat inputs are unknown"
+                continue
+            result[name] = _locate_parts(chain, in_shapes, out_shapes[name])  # type: ignore[arg-type]
+        return result
+
+
+def _part_values(part: _Part, value: np.ndarray) -> np.ndarray:
+    if part.index is not None:
+        return value[part.index]
+    assert part.mask is not None
+    if value.ndim >= 2 and np.array_equal(part.mask, np.broadcast_to(part.mask[:1], part.mask.shape)):
+        return value.reshape(value.shape[0], -1)[:, part.mask[0].reshape(-1)]
+    return value[part.mask]
+
+
+def _add_parts(
+    outputs: dict[str, OutputDiff],
+    finder: _PartFinder,
+    feeds: list[dict[str, np.ndarray]],
+    ref: dict[str, list[np.ndarray]],
+    cand: dict[str, list[np.ndarray]],
+) -> None:
+    """Fill ``parts`` of every output produced by a Concat (see the module docstring)."""
+    for name in finder.chains:
+        diff = outputs.get(name)
+        if diff is None or diff.failures or ref[name][0].dtype.kind not in "fc":
+            continue
+        per_part: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        plan0: list[_Part] | None = None
+        for f, feed in enumerate(feeds):
+            found = finder.parts(feed, {n: ref[n][f].shape for n in ref})
+            plan = found.get(name, "no parts")
+            if isinstance(plan, str):
+                diff.parts_note = plan
+                per_part = {}
+                break
+            plan0 = plan0 or plan
+            for i, part in enumerate(plan):
+                refs, cands = per_part.setdefault(i, ([], []))
+                refs.append(_part_values(part, ref[name][f]))
+                cands.append(_part_values(part, cand[name][f]))
+        if plan0 is None or not per_part:
+            continue
+        for i, part in enumerate(plan0):
+            refs, cands = per_part[i]
+            if refs[0].size == 0:
+                continue
+            pd = PartDiff(
+                name=f"{name}[{i}]",
+                shape=list(refs[0].shape),
+                dtype=str(refs[0].dtype),
+                index=i,
+                tensor=part.tensor,
+                slice=part.text,
+            )
+            diff.parts.append(_fill(pd, refs, cands))
 
 
 def _accuracy(outputs: list[np.ndarray], labels: np.ndarray) -> float:
@@ -300,6 +594,7 @@ def compare(
     label_output: str | None = None,
     feeds_source: str = "generated",
     reference: dict[str, list[np.ndarray]] | None = None,
+    parts: bool = True,
 ) -> ValidationReport:
     """Run both models on ``feeds`` and check ``tolerances`` (see module docstring).
 
@@ -312,6 +607,8 @@ def compare(
         label_output: Which output holds the class scores.
         feeds_source: Where the feeds came from, for the report.
         reference: The original's outputs when already computed (skips running the original).
+        parts: Also compare each concatenated part of outputs produced by a Concat, and gate the
+            tolerances on the worst part (see the module docstring).
     """
     import time
 
@@ -337,6 +634,21 @@ def compare(
             seconds=time.perf_counter() - start,
         )
     outputs = {name: output_diff(name, ref[name], cand[name]) for name in ref}
+    if parts and feeds:
+        try:
+            finder = _PartFinder(Path(original))
+        except Exception as exc:  # a structure the parser rejects: validate the whole outputs only
+            finder = None
+            for diff in outputs.values():
+                diff.parts_note = f"parts not examined ({_first_line(exc)})"
+        if finder is not None and finder.chains:
+            try:
+                _add_parts(outputs, finder, feeds, ref, cand)
+            except Exception as exc:  # the parts are extra detail: never let them break validation
+                for name in finder.chains:
+                    if name in outputs:
+                        outputs[name].parts = []
+                        outputs[name].parts_note = f"parts not examined ({type(exc).__name__}: {_first_line(exc)})"
     report = ValidationReport(
         passed=True,
         outputs=outputs,
@@ -377,11 +689,16 @@ def _check(report: ValidationReport, tols: list[Tolerance]) -> None:
             if t.metric in MODEL_METRICS or (t.output is not None and t.output != diff.name):
                 continue
             value = getattr(diff, t.metric)
-            if value is None:
-                continue
-            if not t.holds(float(value)):
+            if value is not None and not t.holds(float(value)):
                 diff.passed = False
                 diff.failures.append(f"{t.metric}={float(value):.6g} fails {t}")
+            for part in diff.parts:
+                value = getattr(part, t.metric)
+                if value is not None and not t.holds(float(value)):
+                    part.passed = diff.passed = False
+                    text = f"{t.metric}={float(value):.6g} fails {t}"
+                    part.failures.append(text)
+                    diff.failures.append(f"part {part.index} ({part.tensor} {part.slice}): {text}")
         for f in diff.failures:
             report.failures.append(f"{diff.name}: {f}")
     if report.accuracy is not None:
