@@ -453,6 +453,11 @@ cli_batch.register(app)
 register_diagnose(app)
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message on one line: names taken from a model may hold newlines or control characters."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(exc))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; every error becomes one line on stderr.
 
@@ -465,10 +470,10 @@ def main(argv: list[str] | None = None) -> int:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 2)
     except ValidationFailed as exc:
-        err.print(f"onnxcompress: {exc}", markup=False, soft_wrap=True)
+        err.print(f"onnxcompress: {_one_line(exc)}", markup=False, soft_wrap=True)
         return 1
     except OnnxCompressError as exc:
-        err.print(f"error: {exc}", markup=False, soft_wrap=True)
+        err.print(f"error: {_one_line(exc)}", markup=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         err.print("onnxcompress: interrupted")

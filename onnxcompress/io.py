@@ -434,6 +434,7 @@ def read_proto(path: str | os.PathLike[str], max_memory: int | None = None) -> o
         raise OnnxCompressError(f"model refused: more than {MAX_NODES} nodes")
     try:
         _require_text(*(o.domain for o in model.opset_import))
+        _require_text(model.producer_name, model.producer_version, model.domain, model.doc_string)
         _require_text(*(p.key for p in model.metadata_props), *(p.value for p in model.metadata_props))
     except (UnicodeDecodeError, UnicodeEncodeError):
         raise OnnxCompressError("model refused: a name in the model is not valid UTF-8 (corrupted file?)") from None
@@ -619,7 +620,20 @@ def export_model(model: Model, stub_bytes: int | None = None, type_check: bool =
         stub_bytes: If set, constants larger than this are written as declarations only (dtype and
             dims, no data): a skeleton for shape inference, not a loadable model.
         type_check: Require dtypes on graph inputs and outputs.
+
+    Raises:
+        OnnxCompressError: when graphsurgeon's exporter fails on a malformed model the loader let through.
     """
+    try:
+        return _export_model(model, stub_bytes, type_check)
+    except (ValueError, TypeError, KeyError, UnboundLocalError, AttributeError, UnicodeDecodeError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise OnnxCompressError(
+            f"malformed model: it cannot be written back ({type(exc).__name__}: {first}); check it with onnx.checker"
+        ) from None
+
+
+def _export_model(model: Model, stub_bytes: int | None, type_check: bool) -> onnx.ModelProto:
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
 
     graph = model.graph

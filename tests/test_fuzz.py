@@ -75,3 +75,18 @@ def test_bit_flipped_models(
     for pos, bit in flips:
         data[int(pos * len(data))] ^= 1 << bit
     _check_run(capsys, bytes(data), command)
+
+
+def test_fuzz_campaign_sample(tmp_path: Path) -> None:
+    """A sample of ``scripts/fuzz.py``'s campaign (every generator, every command, bad recipes and feeds
+    included) in CI: with the hypothesis strategies above, >= 500 fuzzed cases per CI run."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fuzz.py"
+    report = tmp_path / "fuzz.json"
+    argv = ["--cases", "210", "--seed", "7", "--jobs", "2", "--json", str(report), "--repro-dir", str(tmp_path / "r")]
+    r = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=600)
+    summary = json.loads(report.read_text())
+    assert r.returncode == 0 and not summary["violations"], r.stdout[-2000:]

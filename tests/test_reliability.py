@@ -250,3 +250,42 @@ def test_declared_100gb_initializer_is_refused(tmp_path: Path, external: bool, c
     assert "model refused" in err, err
     assert rss < 512 * 2**20, f"peak RSS {rss / 2**20:.0f} MiB"
     assert list(out.parent.iterdir()) == []
+
+
+def _cli_main(argv: list[str]) -> int:
+    from onnxcompress.cli import main
+
+    return main(argv)
+
+
+def test_fuzz_found_names_stay_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Found by scripts/fuzz.py: an op type with a newline, and a producer name that is not UTF-8."""
+    nodes = [h.make_node("Constant\nOfShape", ["x"], ["y"], name="s")]
+    g = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [h.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    path = tmp_path / "m.onnx"
+    path.write_bytes(m.SerializeToString())
+    assert _cli_main(["compress", str(path), "-o", str(tmp_path / "o.onnx"), "-q", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Constant\\nOfShape" in err
+    good = h.make_model(
+        h.make_graph(
+            [h.make_node("Relu", ["x"], ["y"])],
+            "g",
+            [h.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+            [h.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        ),
+        opset_imports=[h.make_opsetid("", 17)],
+    )
+    good.producer_name = "pytorch"
+    data = good.SerializeToString().replace(b"pytorch", b"py\xfa\xfbrch")
+    path.write_bytes(data)
+    assert _cli_main(["compress", str(path), "-o", str(tmp_path / "o.onnx"), "--fold"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "UTF-8" in err
+    assert not (tmp_path / "o.onnx").exists()
