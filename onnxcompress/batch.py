@@ -641,7 +641,9 @@ def run_batch(
     return report
 
 
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# Each worker gets its share of the cores: numpy's BLAS and onnxruntime's sessions (validate.make_session
+# reads ONNXCOMPRESS_THREADS), so N jobs do not fight over the same cores.
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "ONNXCOMPRESS_THREADS")
 
 
 class _Runner:

@@ -35,9 +35,11 @@ every output where the metric applies.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import operator
+import os
 import re
 from pathlib import Path
 from typing import Any, TypeVar
@@ -551,6 +553,9 @@ def make_session(path: str | Path, threads: int = 0) -> Any:
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # errors are raised as exceptions; keep stderr to one line
+    if not threads:  # the batch runner gives each worker its share of the cores
+        with contextlib.suppress(ValueError):
+            threads = max(0, int(os.environ.get("ONNXCOMPRESS_THREADS", "0") or 0))
     if threads:
         opts.intra_op_num_threads = threads
     try:
