@@ -289,3 +289,37 @@ def test_fuzz_found_names_stay_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "UTF-8" in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd"])
+def test_every_command_refuses_external_data_outside_the_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], location: str
+) -> None:
+    """inspect, compress, validate, diagnose and batch all load through the same checks (exit 2)."""
+    from _models import matmul_model
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"\0" * 4 * 64 * 32)
+    m = matmul_model()
+    w = m.graph.initializer[0]
+    w.ClearField("raw_data")
+    w.data_location = onnx.TensorProto.EXTERNAL
+    w.external_data.add(key="location", value=location)
+    path = model_dir / "m.onnx"
+    path.write_bytes(m.SerializeToString())
+    out = tmp_path / "out"
+    out.mkdir()
+    commands = [
+        ["inspect", str(path)],
+        ["compress", str(path), "-o", str(out / "o.onnx"), "-q", "int8-dynamic"],
+        ["validate", str(path), str(path)],
+        ["diagnose", str(path), str(path)],
+        ["batch", str(model_dir), "-o", str(out / "b"), "-r", "edge-int8", "--jobs", "1"],
+    ]
+    for argv in commands:
+        assert _cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "outside the model folder" in err, (argv, err)
+    assert not (out / "o.onnx").exists()
+    assert not list((out / "b").rglob("*.onnx")) if (out / "b").exists() else True
