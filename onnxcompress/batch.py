@@ -23,8 +23,12 @@ next to its model), and compresses each model with the recipe:
 * **exit code** (:attr:`BatchReport.exit_code`): 0 all ok, 1 some failed validation (and none worse),
   2 some could not be processed (or the run was interrupted).
 
-The Dask executor (issue 6, part 4) is not implemented: ``_Runner`` is the seam where it would go
-(submit ``_run_job`` per model and feed back the same :class:`ModelResult`).
+* **executors**: ``process`` (the local pool above), ``inline`` (this process, one model at a time)
+  and ``dask`` (:class:`_DaskRunner`: each model is a task on an existing Dask distributed cluster,
+  the ``dask`` extra). On a cluster whose workers share the filesystem, workers read the inputs and
+  stage the outputs in place exactly as the local pool does; with ``ship=True`` the model's bytes
+  (its file, external data and sidecars) travel with the task and the output bytes travel back, and
+  this process writes them (the same staged-then-renamed way). Outputs are the same bytes either way.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
@@ -416,7 +421,11 @@ def _run_job(job: Job, recipe: recipe_mod.Recipe, max_memory: int | None) -> Mod
         input=str(job.src), output=str(job.out), rel=job.rel, status=ERROR, size_before=job.size, key=job.key
     )
     tmp: Path | None = None
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and multiprocessing.parent_process() is not None:
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        and multiprocessing.parent_process() is not None
+    ):
         signal.signal(signal.SIGINT, _on_sigint)
     _IN_JOB = True
     try:
@@ -517,6 +526,8 @@ def run_batch(
     max_memory: int | None = None,
     memory_budget: int | None = None,
     executor: str = "process",
+    scheduler: Any = None,
+    ship: bool = False,
     on_event: Event | None = None,
 ) -> BatchReport:
     """Compress every model the inputs name into ``outdir`` with ``recipe`` (see the module doc).
@@ -530,8 +541,13 @@ def run_batch(
             batch run wrote.
         max_memory: The loader's memory budget per model (see ``api.compress``).
         memory_budget: Bytes the concurrent jobs may use together (default: available RAM).
-        executor: ``process`` (a pool of worker processes) or ``inline`` (this process, one at a
-            time; no protection from crashes).
+        executor: ``process`` (a pool of worker processes), ``inline`` (this process, one at a
+            time; no protection from crashes) or ``dask`` (tasks on a Dask distributed cluster).
+        scheduler: For ``dask``: the scheduler address (``tcp://host:8786``), or a
+            ``distributed.Client`` / ``LocalCluster`` object (the API's way to test in-process).
+        ship: For ``dask``: send the model bytes with each task and receive the outputs back
+            (workers without the shared filesystem). Paths a recipe names explicitly (calibration,
+            validation inputs outside the model's folder) must still be readable by the workers.
         on_event: Called in this process as ``(event, job, result)``: ``queued`` (result ``None``),
             ``start`` (``None``), ``done`` (the result; ``resumed`` when skipped).
 
@@ -543,8 +559,13 @@ def run_batch(
         OnnxCompressError: bad inputs, an output folder that is a file or overlaps an input model.
     """
     start = time.perf_counter()
-    if executor not in ("process", "inline"):
-        raise OnnxCompressError(f"unknown executor {executor!r}: choose process or inline (dask is not implemented)")
+    if executor not in ("process", "inline", "dask"):
+        raise OnnxCompressError(f"unknown executor {executor!r}: choose process, inline or dask")
+    if executor == "dask" and scheduler is None:
+        raise OnnxCompressError("--executor dask needs --scheduler tcp://HOST:PORT (the Dask scheduler's address)")
+    if executor != "dask" and (scheduler is not None or ship):
+        raise OnnxCompressError("--scheduler and --ship-bytes go with --executor dask")
+    client, own_client = _dask_client(scheduler) if executor == "dask" else (None, False)
     jobs = default_jobs() if jobs is None else jobs
     if jobs < 1:
         raise OnnxCompressError(f"--jobs {jobs}: must be at least 1")
@@ -618,7 +639,9 @@ def run_batch(
 
     budget = memory_budget if memory_budget is not None else int(available_memory() * 0.9)
     try:
-        if executor == "inline" or not todo:
+        if executor == "dask" and todo:
+            _DaskRunner(client, recipe, max_memory, ship, note, finished).run(todo)
+        elif executor == "inline" or not todo:
             for job in todo:
                 note("start", job, None)
                 r = _run_job(job, recipe, max_memory)
@@ -637,6 +660,10 @@ def run_batch(
         report.interrupted = True
         flush()
         raise
+    finally:
+        if own_client:
+            with contextlib.suppress(Exception):
+                client.close()
     flush()
     return report
 
@@ -772,3 +799,145 @@ class _Runner:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=cancel)
             self.pool = None
+
+
+# --------------------------------------------------------------------------- Dask
+
+
+def _dask_client(scheduler: Any) -> tuple[Any, bool]:
+    """A ``distributed.Client`` for ``scheduler`` (an address, a Client or a cluster) and whether we own it.
+
+    Raises:
+        OnnxCompressError: ``distributed`` is not installed, or the scheduler cannot be reached.
+    """
+    try:
+        import distributed
+    except ImportError:
+        raise OnnxCompressError("--executor dask needs the dask extra: pip install 'onnxcompress[dask]'") from None
+    if isinstance(scheduler, distributed.Client):
+        return scheduler, False
+    try:
+        if isinstance(scheduler, str):
+            return distributed.Client(scheduler, timeout="20s", set_as_default=False), True
+        return distributed.Client(scheduler, set_as_default=False), True  # a cluster object
+    except (OSError, TimeoutError) as exc:
+        raise OnnxCompressError(f"cannot reach the Dask scheduler {scheduler}: {_one_line(exc)}") from None
+
+
+def _shipped_files(src: Path, recipe: recipe_mod.Recipe) -> list[Path]:
+    """The files a worker needs beside the model: its external data and the sidecars in its folder."""
+    folder = src.parent.resolve()
+    extra = _external_files(src) + _sidecars(src, recipe)
+    return [f for f in extra if f.resolve().parent == folder or folder in f.resolve().parents]
+
+
+def _read_payload(job: Job, recipe: recipe_mod.Recipe) -> dict[str, bytes]:
+    """The model's bytes and its companions', by path relative to the model's folder."""
+    folder = job.src.parent.resolve()
+    payload = {job.src.name: job.src.read_bytes()}
+    for f in _shipped_files(job.src, recipe):
+        payload[f.resolve().relative_to(folder).as_posix()] = f.read_bytes()
+    return payload
+
+
+def _run_shipped(
+    job: Job, payload: dict[str, bytes], recipe: recipe_mod.Recipe, max_memory: int | None
+) -> tuple[ModelResult, dict[str, bytes]]:
+    """On a worker: rebuild the model's folder privately, compress it, return the result and output bytes."""
+    with tempfile.TemporaryDirectory(prefix=f"{io.TMP_PREFIX}dask-") as d:
+        root = Path(d)
+        for rel, data in payload.items():
+            p = root / "in" / rel
+            if ".." in Path(rel).parts or Path(rel).is_absolute():
+                continue
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+        local = dataclasses.replace(job, src=root / "in" / job.src.name, out=root / "out" / job.out.name)
+        res = _run_job(local, recipe, max_memory)
+        files = {Path(f).name: Path(f).read_bytes() for f in res.files} if res.status == OK else {}
+    return res, files
+
+
+def _place_shipped(job: Job, res: ModelResult, files: dict[str, bytes]) -> ModelResult:
+    """Write a shipped result's output files beside ``job.out``: staged, then renamed (data first)."""
+    res = dataclasses.replace(res, input=str(job.src), output=str(job.out), files=[])
+    if res.status != OK:
+        return res
+    job.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{io.TMP_PREFIX}{os.getpid()}-batch-", dir=job.out.parent))
+    try:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        for name in sorted(files, key=lambda n: n == job.out.name):
+            os.replace(tmp / name, job.out.parent / name)
+        for old in _owned_data(job.out):
+            if old.name not in files:
+                with contextlib.suppress(OSError):
+                    old.unlink()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res.files = [str(job.out.parent / n) for n in files]
+    res.output_sha256 = _sha256(job.out)
+    return res
+
+
+class _DaskRunner:
+    """Runs each model as a task on a Dask distributed cluster; same results and reports as the pool.
+
+    The cluster schedules the tasks (its workers' resources decide how many run at once). A worker
+    that dies is retried by Dask; a model that keeps killing workers is reported as an error.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        recipe: recipe_mod.Recipe,
+        max_memory: int | None,
+        ship: bool,
+        note: Event,
+        finished: Callable[[Job, ModelResult], None],
+    ) -> None:
+        self.client, self.recipe, self.max_memory, self.ship = client, recipe, max_memory, ship
+        self.note, self.finished = note, finished
+
+    def _submit(self, job: Job) -> Any:
+        key = f"onnxcompress-{job.rel}-{os.urandom(4).hex()}"
+        if self.ship:
+            payload = _read_payload(job, self.recipe)
+            return self.client.submit(_run_shipped, job, payload, self.recipe, self.max_memory, key=key, pure=False)
+        return self.client.submit(_run_job, job, self.recipe, self.max_memory, key=key, pure=False)
+
+    def run(self, todo: list[Job]) -> None:
+        from distributed import as_completed
+
+        futures: dict[Any, Job] = {}
+        try:
+            for job in todo:
+                self.note("start", job, None)
+                try:
+                    futures[self._submit(job)] = job
+                except OSError as exc:
+                    self.finished(job, self._error(job, f"cannot read the model: {exc.strerror or exc}"))
+            for fut in as_completed(list(futures), loop=self.client.loop):
+                job = futures.pop(fut)
+                try:
+                    out = fut.result()
+                    r = _place_shipped(job, *out) if self.ship else out
+                except OSError as exc:
+                    r = self._error(job, f"cannot write the output: {exc.strerror or exc}")
+                except Exception as exc:  # KilledWorker, a lost scheduler, pickling trouble
+                    r = self._error(job, f"the Dask task failed ({type(exc).__name__}: {_one_line(exc)})")
+                self.finished(job, r)
+        except KeyboardInterrupt:
+            for fut, job in futures.items():
+                with contextlib.suppress(Exception):
+                    fut.cancel()
+                self.finished(
+                    job,
+                    ModelResult(str(job.src), str(job.out), job.rel, INTERRUPTED, "interrupted", job.size, key=job.key),
+                )
+            raise
+
+    @staticmethod
+    def _error(job: Job, reason: str) -> ModelResult:
+        return ModelResult(str(job.src), str(job.out), job.rel, ERROR, reason, job.size, key=job.key)

@@ -97,6 +97,26 @@ def batch(
         str | None, typer.Option("--max-memory", help="Loader memory budget per model, e.g. 8G.")
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of tables.")] = False,
+    executor: Annotated[
+        str,
+        typer.Option(
+            "--executor",
+            help="process: a local pool of --jobs workers; dask: tasks on a Dask cluster (--scheduler); "
+            "inline: this process, one at a time.",
+        ),
+    ] = "process",
+    scheduler: Annotated[
+        str | None,
+        typer.Option("--scheduler", help="The Dask scheduler's address for --executor dask, e.g. tcp://host:8786."),
+    ] = None,
+    ship_bytes: Annotated[
+        bool,
+        typer.Option(
+            "--ship-bytes",
+            help="With --executor dask: send each model's bytes to the workers and the outputs back "
+            "(for workers that do not share this filesystem).",
+        ),
+    ] = False,
 ) -> None:
     """Compress many models with one recipe; resumable; writes OUTDIR/batch-report.json and .csv.
 
@@ -141,6 +161,9 @@ def batch(
             jobs=jobs,
             force=force,
             max_memory=parse_size(max_memory) if max_memory else None,
+            executor=executor,
+            scheduler=scheduler,
+            ship=ship_bytes,
             on_event=on_event,
         )
     if json_out:
