@@ -160,6 +160,7 @@ def compress(
     fold: bool = True,
     params: dict[str, str] | None = None,
     parts: bool = True,
+    on_outputs: Callable[[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]], None] | None = None,
 ) -> CompressionReport:
     """Compress a model file and validate the result against the original.
 
@@ -181,6 +182,7 @@ def compress(
         fold: Run the lossless ``fold`` simplifier first (unless ``techniques`` already has it).
         params: Pass settings (``{"block_size": "64"}``); a key no pass reads is an error.
         parts: Validate each concatenated part of Concat-produced outputs too (see ``validate``).
+        on_outputs: Passed to :func:`onnxcompress.validate.compare` (both models' validation outputs).
 
     Returns:
         The report. If validation fails and not ``force``, raises :class:`ValidationFailed` carrying it.
@@ -227,6 +229,7 @@ def compress(
                 label_output=feed_opts.label_output,
                 feeds_source=source,
                 parts=parts,
+                on_outputs=on_outputs,
             )
         out_size = sum((staged.tmpdir / f).stat().st_size for f in staged.files)
         write = report_v is None or report_v.passed or force
@@ -274,6 +277,7 @@ def validate(
     tolerances: list[str] | None = None,
     max_memory: int | None = None,
     parts: bool = True,
+    on_outputs: Callable[[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]], None] | None = None,
 ) -> ValidationReport:
     """Compare two model files in onnxruntime on the same feeds.
 
@@ -299,6 +303,7 @@ def validate(
         label_output=feed_opts.label_output,
         feeds_source=source,
         parts=parts,
+        on_outputs=on_outputs,
     )
 
 

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import api, cli_batch
+from . import api, cli_batch, html_report
 from . import recipe as recipe_mod
 from .cli_diagnose import register as register_diagnose
 from .errors import OnnxCompressError, ValidationFailed
@@ -77,6 +77,14 @@ ToleranceOpt = Annotated[
 ]
 ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the full JSON report here.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report instead of tables.")]
+HtmlOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--html",
+        help="Also write a self-contained HTML report (charts included; opens offline). "
+        "Needs the html extra: pip install 'onnxcompress[html]'.",
+    ),
+]
 PartsOpt = Annotated[
     bool,
     typer.Option(
@@ -116,6 +124,20 @@ def _status() -> Iterator[Callable[[str], None]]:
         return
     with err.status("starting") as status:
         yield lambda message: status.update(message)
+
+
+def _html_outputs(html: Path | None) -> tuple[dict[str, Any], Callable[..., None] | None]:
+    """For ``--html``: check the extra is installed (before any work), and a validation hook that keeps
+    each output's per-sample errors for the report's histograms."""
+    if html is None:
+        return {}, None
+    html_report.check_available()
+    errors: dict[str, Any] = {}
+
+    def keep(ref: dict[str, list[Any]], cand: dict[str, list[Any]]) -> None:
+        errors.update({n: html_report.sample_errors(ref[n], cand[n]) for n in ref if n in cand})
+
+    return errors, keep
 
 
 def _fmt(value: Any, spec: str = ".6g") -> str:
@@ -224,8 +246,10 @@ def validate(
     json_out: JsonOpt = False,
     max_memory: MaxMemoryOpt = None,
     parts: PartsOpt = True,
+    html: HtmlOpt = None,
 ) -> None:
     """Run both models in onnxruntime on the same inputs and compare every output (exit 1 on failure)."""
+    errors, keep = _html_outputs(html)
     r = api.validate(
         original,
         candidate,
@@ -233,9 +257,13 @@ def validate(
         tolerances=tolerance,
         max_memory=parse_size(max_memory) if max_memory else None,
         parts=parts,
+        on_outputs=keep,
     )
     if report:
         write_json(r.to_dict(), report)
+    if html:
+        extra = {"original": original, "candidate": candidate, "errors": errors}
+        html_report.write_html(html, "validate", r.to_dict(), extra=extra)
     if json_out:
         out.print_json(to_json(r.to_dict()))
     else:
@@ -340,6 +368,7 @@ def compress(
     json_out: JsonOpt = False,
     max_memory: MaxMemoryOpt = None,
     parts: PartsOpt = True,
+    html: HtmlOpt = None,
 ) -> None:
     """Compress MODEL into OUTPUT, validate it against MODEL, and write it only if it passes."""
     data_options = {
@@ -382,6 +411,7 @@ def compress(
         return
     if model is None or output is None:
         raise OnnxCompressError("missing " + ("MODEL" if model is None else "--output/-o") + ": see --help")
+    errors, keep = _html_outputs(html)
     failed: ValidationFailed | None = None
     try:
         with _status() as update:
@@ -394,6 +424,7 @@ def compress(
                     max_memory=parse_size(max_memory) if max_memory else None,
                     progress=update,
                     parts=parts,
+                    on_outputs=keep,
                 )
             else:
                 techniques = (["fold"] if fold else []) + ([quantize] if quantize else []) + list(technique or [])
@@ -416,11 +447,15 @@ def compress(
                     fold=fold is not False,
                     params=Params.parse(param).items,
                     parts=parts,
+                    on_outputs=keep,
                 )
     except ValidationFailed as exc:
         failed, r = exc, exc.report
     if report:
         write_json(r.to_dict(), report)
+    if html:
+        extra = {"original": model, "candidate": output, "errors": errors}
+        html_report.write_html(html, "compress", r.to_dict(), extra=extra)
     if json_out:
         out.print_json(to_json(r.to_dict()))
     else:

@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
     """
     if any(getattr(c, "name", None) == "diagnose" for c in app.registered_commands):
         return
-    from . import api, cli
+    from . import api, cli, html_report
     from . import feeds as feeds_mod
     from .diagnose import diagnose as run_diagnose
     from .errors import OnnxCompressError
@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         int_high: cli.IntHighOpt = 100,
         top: Annotated[int, typer.Option("--top", min=1, help="How many layers to print.")] = 10,
         report: cli.ReportOpt = None,
+        html: cli.HtmlOpt = None,
         json_out: cli.JsonOpt = False,
         max_memory: cli.MaxMemoryOpt = None,
         compress_report: Annotated[
@@ -59,6 +60,8 @@ def register(app: typer.Typer) -> None:
         ] = "64M",
     ) -> None:
         """Find the layers that lose the accuracy: each layer's error when fed the original's inputs."""
+        if html:
+            html_report.check_available()
         mem = cli.parse_size(max_memory) if max_memory else None
         a = api.load(original, max_memory=mem)
         api.check_runnable(a)
@@ -91,6 +94,8 @@ def register(app: typer.Typer) -> None:
         data = r.to_dict()
         if report:
             write_json(data, report)
+        if html:
+            html_report.write_html(html, "diagnose", data)
         if json_out:
             cli.out.print_json(to_json(data))
             return

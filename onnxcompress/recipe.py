@@ -162,10 +162,18 @@ def compress(
     max_memory: int | None = None,
     progress: Callable[[str], None] | None = None,
     parts: bool = True,
+    on_outputs: Callable[[dict[str, list[Any]], dict[str, list[Any]]], None] | None = None,
 ) -> api.CompressionReport:
     """Compress ``model`` into ``output`` as ``recipe`` says (see :func:`onnxcompress.api.compress`)."""
     return api.compress(
-        model, output, force=force, max_memory=max_memory, progress=progress, parts=parts, **recipe.compress_kwargs()
+        model,
+        output,
+        force=force,
+        max_memory=max_memory,
+        progress=progress,
+        parts=parts,
+        on_outputs=on_outputs,
+        **recipe.compress_kwargs(),
     )
 
 

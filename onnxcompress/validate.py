@@ -41,6 +41,7 @@ import math
 import operator
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -107,7 +108,7 @@ class Tolerance:
 
     def __str__(self) -> str:
         prefix = f"{self.output}:" if self.output else ""
-        return f"{prefix}{self.metric}{self.op}{self.value:g}"
+        return f"{prefix}{self.metric}{self.op}{self.value:.12g}"  # cosine>=0.9999999 must not print as >=1
 
     def holds(self, value: float) -> bool:
         """Whether ``value`` satisfies this bound (NaN never does)."""
@@ -600,6 +601,7 @@ def compare(
     feeds_source: str = "generated",
     reference: dict[str, list[np.ndarray]] | None = None,
     parts: bool = True,
+    on_outputs: Callable[[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]], None] | None = None,
 ) -> ValidationReport:
     """Run both models on ``feeds`` and check ``tolerances`` (see module docstring).
 
@@ -614,6 +616,8 @@ def compare(
         reference: The original's outputs when already computed (skips running the original).
         parts: Also compare each concatenated part of outputs produced by a Concat, and gate the
             tolerances on the worst part (see the module docstring).
+        on_outputs: Called once with both models' outputs ``(original's, candidate's)``, each
+            ``{output name: [array per feed]}`` (e.g. for the HTML report's error histograms).
     """
     import time
 
@@ -638,6 +642,8 @@ def compare(
             failures=[f"candidate: {exc}"],
             seconds=time.perf_counter() - start,
         )
+    if on_outputs is not None:
+        on_outputs(ref, cand)
     outputs = {name: output_diff(name, ref[name], cand[name]) for name in ref}
     if parts and feeds:
         try:
