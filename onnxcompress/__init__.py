@@ -17,6 +17,8 @@ from .io import save
 from .passes.base import PassContext, PassReport
 from .pipeline import Pipeline
 from .recipes import PASSES
+from .runner import SplitModel
+from .split import SplitReport, split_model
 from .stats import ModelSummary, summarize
 from .validate import OutputDiff, Tolerance, ValidationReport
 
@@ -33,6 +35,8 @@ __all__ = [
     "PassContext",
     "PassReport",
     "Pipeline",
+    "SplitModel",
+    "SplitReport",
     "Tolerance",
     "ValidationFailed",
     "ValidationReport",
@@ -40,6 +44,7 @@ __all__ = [
     "compress",
     "load",
     "save",
+    "split_model",
     "summarize",
     "validate",
 ]

@@ -26,6 +26,8 @@ from .graph import Model, unsupported_ops
 from .passes.base import TARGETS, Params, PassContext, PassReport
 from .pipeline import Pipeline
 from .recipes import build_passes, default_tolerances
+from .runner import SplitModel
+from .split import is_split_dir, split_model
 from .validate import Tolerance, ValidationReport, compare
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,34 @@ class FeedOptions:
     seed: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitOptions:
+    """Split the written model into parts (``compress --split-max-part-size``, a recipe's ``[split]``).
+
+    Exactly one of ``max_part_size`` (bytes, or a size such as ``"50MB"``) and ``parts`` is given;
+    ``outdir`` defaults to the output's path with the suffix ``.parts``.
+    """
+
+    max_part_size: int | str | None = None
+    parts: int | None = None
+    balance: str = "size"
+    outdir: str | None = None
+
+    def folder(self, output: Path) -> Path:
+        return Path(self.outdir) if self.outdir else output.with_suffix(".parts")
+
+    def check(self) -> None:
+        """Raises OnnxCompressError for settings that cannot work (before any work is done)."""
+        if (self.max_part_size is None) == (self.parts is None):
+            raise OnnxCompressError("split: give exactly one of max_part_size and parts")
+        if isinstance(self.max_part_size, str):
+            io.parse_size(self.max_part_size)
+        if self.parts is not None and self.parts < 1:
+            raise OnnxCompressError(f"split: parts must be at least 1, got {self.parts}")
+        if self.balance not in ("size", "flops"):
+            raise OnnxCompressError(f"split: unknown balance {self.balance!r}: choose size or flops")
+
+
 @dataclasses.dataclass
 class CompressionReport:
     """What ``compress`` did: sizes, passes, validation, and where the output went."""
@@ -73,6 +103,7 @@ class CompressionReport:
     written: bool
     target: str = "standard"
     calibration: str | None = None
+    split: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
@@ -92,6 +123,7 @@ class CompressionReport:
             "written": self.written,
             "target": self.target,
             "calibration": self.calibration,
+            "split": self.split,
         }
 
 
@@ -161,6 +193,7 @@ def compress(
     params: dict[str, str] | None = None,
     parts: bool = True,
     on_outputs: Callable[[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]], None] | None = None,
+    split: SplitOptions | None = None,
 ) -> CompressionReport:
     """Compress a model file and validate the result against the original.
 
@@ -183,6 +216,9 @@ def compress(
         params: Pass settings (``{"block_size": "64"}``); a key no pass reads is an error.
         parts: Validate each concatenated part of Concat-produced outputs too (see ``validate``).
         on_outputs: Passed to :func:`onnxcompress.validate.compare` (both models' validation outputs).
+        split: Also split the written model into parts (see :func:`onnxcompress.split.split_model`);
+            the parts are checked against the written model (``max_abs<=1e-5`` on the feeds) and
+            described under the report's ``split`` key.
 
     Returns:
         The report. If validation fails and not ``force``, raises :class:`ValidationFailed` carrying it.
@@ -190,6 +226,11 @@ def compress(
     start = time.perf_counter()
     in_path, out_path = Path(model_path), Path(output)
     io.check_output_path(out_path, force=force, protect=(in_path,))
+    if split is not None:
+        split.check()
+        split_dir = split.folder(out_path)
+        if split_dir.exists() and not force:
+            raise OnnxCompressError(f"split folder {split_dir} exists: pass --force to replace it")
     if target not in TARGETS:
         raise OnnxCompressError(f"unknown target {target!r}: choose from {', '.join(TARGETS)}")
     techniques = list(techniques)
@@ -240,6 +281,34 @@ def compress(
     except BaseException:
         staged.discard()
         raise
+    split_info = None
+    if split is not None and write:
+        note(f"splitting {out_path.name}")
+        split_dir = split.folder(out_path)
+        sr = split_model(
+            out_path,
+            split_dir,
+            max_part_size=split.max_part_size,
+            parts=split.parts,
+            balance=split.balance,
+            force=force,
+            max_memory=max_memory,
+        )
+        split_info = sr.to_dict()
+        if validate and feed_list:
+            note("checking the parts against the written model")
+            sv = compare(
+                out_path,
+                split_dir,
+                feed_list,
+                ["max_abs<=1e-5"],
+                feeds_source=source,
+                parts=False,
+                candidate_runner=SplitModel(split_dir).run_many,
+            )
+            split_info["validation"] = sv.to_dict()
+            if not sv.passed:
+                raise OnnxCompressError(f"the parts in {split_dir} differ from {out_path}: {sv.failures[0]}")
     report = CompressionReport(
         input={"path": str(in_path), "size_bytes": in_size},
         output={
@@ -256,6 +325,7 @@ def compress(
         written=write,
         target=target,
         calibration=str(calib_path) if calib_path is not None else None,
+        split=split_info,
     )
     if report_v is not None and not report_v.passed:
         what = "written anyway (--force)" if write else "not written"
@@ -288,12 +358,19 @@ def validate(
     tols = [Tolerance.parse(t) for t in (tolerances or list(DEFAULT_VALIDATE_TOLERANCES))]
     a = io.load(a_path, max_memory=max_memory)
     check_runnable(a)
-    b = io.load(b_path, max_memory=max_memory)
-    check_runnable(b)
+    runner = None
+    if is_split_dir(b_path):  # a folder written by split: run its parts in turn
+        split = SplitModel(b_path)
+        signature, runner = split.input_signature(), split.run_many
+    else:
+        b = io.load(b_path, max_memory=max_memory)
+        check_runnable(b)
+        signature = feeds_mod.input_signature(b)
+        del b
     feed_opts = feeds or FeedOptions()
     feed_list, source, labels = resolve_feeds(a, a_path, feed_opts)
-    feeds_mod.check_feed(feed_list[0], feeds_mod.input_signature(b), "candidate inputs") if feed_list else None
-    del a, b
+    feeds_mod.check_feed(feed_list[0], signature, "candidate inputs") if feed_list else None
+    del a
     return compare(
         a_path,
         b_path,
@@ -304,6 +381,7 @@ def validate(
         feeds_source=source,
         parts=parts,
         on_outputs=on_outputs,
+        candidate_runner=runner,
     )
 
 

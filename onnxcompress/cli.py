@@ -21,6 +21,7 @@ from rich.table import Table
 from . import api, cli_batch, html_report
 from . import recipe as recipe_mod
 from .cli_diagnose import register as register_diagnose
+from .cli_split import register as register_split
 from .errors import OnnxCompressError, ValidationFailed
 from .feeds import parse_shapes
 from .io import parse_size
@@ -369,8 +370,29 @@ def compress(
     max_memory: MaxMemoryOpt = None,
     parts: PartsOpt = True,
     html: HtmlOpt = None,
+    split_max_part_size: Annotated[
+        str | None,
+        typer.Option(
+            "--split-max-part-size",
+            help="Then split the written model into parts of at most SIZE of weights each (e.g. 50MB), in "
+            "OUTPUT's folder as <output stem>.parts/ (see `onnxcompress split`; run them with `onnxcompress run`).",
+        ),
+    ] = None,
+    split_dir: Annotated[
+        Path | None,
+        typer.Option("--split-dir", help="Where --split-max-part-size writes the parts (default: OUTPUT.parts/)."),
+    ] = None,
 ) -> None:
     """Compress MODEL into OUTPUT, validate it against MODEL, and write it only if it passes."""
+    if split_dir is not None and split_max_part_size is None:
+        raise OnnxCompressError("--split-dir goes with --split-max-part-size")
+    split_opts = (
+        api.SplitOptions(max_part_size=split_max_part_size, outdir=str(split_dir) if split_dir else None)
+        if split_max_part_size is not None
+        else None
+    )
+    if split_opts is not None:
+        split_opts.check()
     data_options = {
         "calibration": calibration,
         "target": target,
@@ -382,6 +404,7 @@ def compress(
         "label_output": label_output,
         "skip_validation": skip_validation,
         "external_data": external_data,
+        "split": split_opts,
     }
     rec: recipe_mod.Recipe | None = None
     if recipe is not None:
@@ -448,6 +471,7 @@ def compress(
                     params=Params.parse(param).items,
                     parts=parts,
                     on_outputs=keep,
+                    split=split_opts,
                 )
     except ValidationFailed as exc:
         failed, r = exc, exc.report
@@ -480,12 +504,18 @@ def compress(
         if r.validation is not None:
             _print_validation(r.validation)
         out.print(f"written: {r.output['path']}" if r.written else "[red]not written[/]")
+        if r.split is not None:
+            sizes = [p.get("weight_bytes", 0) for p in r.split.get("parts", [])]
+            out.print(
+                f"split into {len(sizes)} parts (largest {max(sizes, default=0):,} bytes of weights): {r.split['outdir']}"
+            )
     if failed is not None:
         raise failed
 
 
 cli_batch.register(app)
 register_diagnose(app)
+register_split(app)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -58,7 +58,8 @@ from .validate import Tolerance
 PRESETS_DIR = Path(__file__).with_name("presets")
 QUANTIZE = "quantize"
 LOSSLESS = frozenset({"fold"})
-_TOP_KEYS = ("description", "target", "calibration", "exclude", "external_data", "params", "pass", "validate")
+_TOP_KEYS = ("description", "target", "calibration", "exclude", "external_data", "params", "pass", "validate", "split")
+_SPLIT_KEYS = ("max_part_size", "parts", "balance", "outdir")
 _PASS_KEYS = ("name", "mode", "exclude", "params")
 _VALIDATE_KEYS = ("skip", "tolerance", "inputs", "shapes", "int_high", "labels", "label_output")
 
@@ -104,6 +105,7 @@ class Recipe:
     validate: ValidateSpec = dataclasses.field(default_factory=ValidateSpec)
     description: str = ""
     source: str = dataclasses.field(default="<options>", compare=False)
+    split: api.SplitOptions | None = None
 
     @property
     def techniques(self) -> list[str]:
@@ -150,6 +152,7 @@ class Recipe:
             "fold": False,  # a recipe lists fold explicitly
             "params": self.all_params(),
             "external_data": self.external_data,
+            "split": self.split,
         }
 
 
@@ -343,6 +346,7 @@ class _Reader:
             validate=self._validate(data.get("validate", {})),
             description=self._str(data.get("description", ""), ("description",)),
             source=self.source,
+            split=self._split(data["split"]) if "split" in data else None,
         )
         check_recipe(recipe, self.error)
         return recipe
@@ -374,6 +378,29 @@ class _Reader:
             exclude=self._str_list(table.get("exclude", []), (*path, "exclude")),
             params=self._params(table.get("params", {}), (*path, "params")),
         )
+
+    def _split(self, table: Any) -> api.SplitOptions:
+        path: tuple[str | int, ...] = ("split",)
+        if not isinstance(table, dict):
+            raise self.error(path, "expected a table")
+        self._check_keys(table, _SPLIT_KEYS, path)
+        size = table.get("max_part_size")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, (int, str))):
+            raise self.error((*path, "max_part_size"), f'expected a size such as "50MB", got {_type_name(size)}')
+        parts = table.get("parts")
+        if parts is not None and (isinstance(parts, bool) or not isinstance(parts, int)):
+            raise self.error((*path, "parts"), f"expected an integer, got {_type_name(parts)}")
+        spec = api.SplitOptions(
+            max_part_size=size,
+            parts=parts,
+            balance=self._str(table.get("balance", "size"), (*path, "balance")),
+            outdir=self._path(table["outdir"], (*path, "outdir")) if "outdir" in table else None,
+        )
+        try:
+            spec.check()
+        except OnnxCompressError as exc:
+            raise self.error(path, str(exc)) from None
+        return spec
 
     def _validate(self, table: Any) -> ValidateSpec:
         path: tuple[str | int, ...] = ("validate",)
@@ -507,6 +534,7 @@ def recipe_from_options(
     label_output: str | None = None,
     skip_validation: bool = False,
     external_data: bool | None = None,
+    split: api.SplitOptions | None = None,
 ) -> Recipe:
     """The recipe equivalent to a ``compress`` flag combination (same passes, in the same order).
 
@@ -545,6 +573,7 @@ def recipe_from_options(
             labels=_abs(labels),
             label_output=label_output,
         ),
+        split=_abs_split(split),
     )
     check_recipe(recipe, lambda path, msg: OnnxCompressError(f"--param {_key_path(path[-1:])}: {msg}"))
     return recipe
@@ -563,6 +592,7 @@ def override(
     label_output: str | None = None,
     skip_validation: bool = False,
     external_data: bool | None = None,
+    split: api.SplitOptions | None = None,
 ) -> Recipe:
     """``recipe`` with the data and validation options a user gave beside ``--recipe`` replacing its own."""
     if target is not None and target not in TARGETS:
@@ -587,11 +617,19 @@ def override(
         target=target if target is not None else recipe.target,
         external_data=external_data if external_data is not None else recipe.external_data,
         validate=new_v,
+        split=_abs_split(split) if split is not None else recipe.split,
     )
 
 
 def _abs(path: str | os.PathLike[str] | None) -> str | None:
     return None if path is None else os.path.abspath(os.fspath(path))
+
+
+def _abs_split(split: api.SplitOptions | None) -> api.SplitOptions | None:
+    if split is None:
+        return None
+    split.check()
+    return dataclasses.replace(split, outdir=_abs(split.outdir))
 
 
 # --------------------------------------------------------------------------- writing
@@ -642,6 +680,17 @@ def to_toml(recipe: Recipe) -> str:
     if v.shapes:
         inner = ", ".join(f"{_toml_key(k)} = [{', '.join(map(str, d))}]" for k, d in v.shapes)
         lines.append(f"shapes = {{ {inner} }}")
+    sp = recipe.split
+    if sp is not None:
+        lines += ["", "[split]"]
+        if sp.max_part_size is not None:
+            size = sp.max_part_size
+            lines.append(f"max_part_size = {_toml_str(size) if isinstance(size, str) else size}")
+        if sp.parts is not None:
+            lines.append(f"parts = {sp.parts}")
+        lines.append(f"balance = {_toml_str(sp.balance)}")
+        if sp.outdir is not None:
+            lines.append(f"outdir = {_toml_str(sp.outdir)}")
     return "\n".join(lines) + "\n"
 
 

@@ -602,6 +602,7 @@ def compare(
     reference: dict[str, list[np.ndarray]] | None = None,
     parts: bool = True,
     on_outputs: Callable[[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]], None] | None = None,
+    candidate_runner: Callable[[list[dict[str, np.ndarray]]], dict[str, list[np.ndarray]]] | None = None,
 ) -> ValidationReport:
     """Run both models on ``feeds`` and check ``tolerances`` (see module docstring).
 
@@ -618,6 +619,8 @@ def compare(
             tolerances on the worst part (see the module docstring).
         on_outputs: Called once with both models' outputs ``(original's, candidate's)``, each
             ``{output name: [array per feed]}`` (e.g. for the HTML report's error histograms).
+        candidate_runner: Computes the candidate's outputs ``{name: [array per feed]}`` instead of an
+            onnxruntime session on ``candidate`` (a split model's ``SplitModel.run_many``).
     """
     import time
 
@@ -625,11 +628,16 @@ def compare(
     tols = [t if isinstance(t, Tolerance) else Tolerance.parse(t) for t in tolerances]
     ref = reference if reference is not None else run_session(make_session(original), feeds, "original")
     try:
-        cand_session = make_session(candidate)
-        cand_names = [o.name for o in cand_session.get_outputs()]
+        if candidate_runner is not None:
+            cand = candidate_runner(feeds)
+            cand_names = list(cand)
+        else:
+            cand_session = make_session(candidate)
+            cand_names = [o.name for o in cand_session.get_outputs()]
         if cand_names != list(ref):
             raise OnnxCompressError(f"the models' outputs differ: original {list(ref)}, candidate {cand_names}")
-        cand = run_session(cand_session, feeds, "candidate")
+        if candidate_runner is None:
+            cand = run_session(cand_session, feeds, "candidate")
     except OnnxCompressError as exc:
         # The candidate is what is being judged: a candidate onnxruntime cannot run fails validation.
         return ValidationReport(

@@ -42,6 +42,10 @@ Usage::
     python scripts/bench.py --fold --anchor-python /path/venv/bin/python   # fold vs onnxsim/onnxslim/onnxoptimizer
     python scripts/bench.py --fold --filter synthetic --fold-tool oc-fold --fold-tool onnxslim
 
+Suites with their own scripts (each prints the CPU it ran on and markdown tables, and writes JSON under
+``bench-results/``): ``python scripts/bench.py split|batch|structural|prune-channels|transport|tune [options]``
+runs ``scripts/bench_<suite>.py`` (``--help`` for its options).
+
 Anchors run in the interpreter given by ``--anchor-python`` (default: ``$BENCH_ANCHOR_PYTHON`` or this
 one). ``MatMulNBitsQuantizer`` needs the ``onnx-ir`` package in that interpreter; without it those rows
 are skipped with a note.
@@ -2148,8 +2152,29 @@ def run_quantization(
     return cases, rows
 
 
+# Suites with their own script: ``python scripts/bench.py SUITE [its options]`` runs scripts/bench_SUITE.py.
+SUITES = ("split", "batch", "structural", "prune_channels", "transport", "tune")
+
+
+def run_suite(name: str, argv: list[str]) -> int:
+    """Run ``scripts/bench_<name>.py``'s ``main(argv)`` (each suite prints its CPU and tables)."""
+    path = Path(__file__).resolve().parent / f"bench_{name}.py"
+    if not path.is_file():
+        print(f"bench: suite {name} is not available ({path.name} missing)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.main(argv) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; return the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0].replace("-", "_") in SUITES:
+        return run_suite(argv[0].replace("-", "_"), argv[1:])
     args = parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
