@@ -312,6 +312,38 @@ def compress(
         list[str] | None,
         typer.Option("--technique", help=f"Any registered pass, in order (repeatable): {', '.join(PASSES)}."),
     ] = None,
+    prune: Annotated[
+        float | None,
+        typer.Option(
+            "--prune",
+            help="Prune this fraction of the weights (unstructured, per layer; e.g. 0.5), or of the channels "
+            "with --prune-mode channels. Never biases or norm parameters. Refits with --calibration.",
+        ),
+    ] = None,
+    prune_mode: Annotated[
+        str | None,
+        typer.Option(
+            "--prune-mode",
+            help="unstructured (default), 2:4 or 4:8 (N:M along the reduction axis), or channels "
+            "(structured: removes whole channels/neurons and what depends on them).",
+        ),
+    ] = None,
+    lowrank: Annotated[
+        str | None,
+        typer.Option(
+            "--lowrank",
+            help="SVD factorisation of MatMul/Gemm (and 1x1 Conv) weights where it saves parameters: "
+            "energy=0.95 (keep that share of the spectrum), ratio=0.5 (of the full rank) or rank=N; "
+            "activation-weighted with --calibration.",
+        ),
+    ] = None,
+    cluster: Annotated[
+        int | None,
+        typer.Option(
+            "--cluster",
+            help="Weight sharing: k-means with K centroids per tensor (2..256; K<=16 packs 4-bit indices).",
+        ),
+    ] = None,
     inputs: InputsOpt = None,
     shape: ShapeOpt = None,
     int_high: Annotated[
@@ -406,6 +438,12 @@ def compress(
         "external_data": external_data,
         "split": split_opts,
     }
+    structural, structural_params = recipe_mod.structural_options(
+        prune=prune, prune_mode=prune_mode, lowrank=lowrank, cluster=cluster
+    )
+    # Pipeline order: fold (added below unless --no-fold), structural passes, quantization, --technique.
+    ordered = structural + ([quantize] if quantize else []) + list(technique or [])
+    all_params = structural_params + list(param or [])
     rec: recipe_mod.Recipe | None = None
     if recipe is not None:
         given = [
@@ -414,6 +452,9 @@ def compress(
                 ("--fold/--no-fold", fold),
                 ("--quantize", quantize),
                 ("--technique", technique),
+                ("--prune/--prune-mode", prune is not None or prune_mode is not None),
+                ("--lowrank", lowrank),
+                ("--cluster", cluster is not None),
                 ("--exclude", exclude),
                 ("--param", param),
             )
@@ -426,7 +467,7 @@ def compress(
         rec = recipe_mod.override(recipe_mod.load_recipe(recipe), **data_options)
     elif print_recipe:
         rec = recipe_mod.recipe_from_options(
-            fold=fold, quantize=quantize, technique=technique, exclude=exclude, param=param, **data_options
+            fold=fold, technique=ordered, exclude=exclude, param=all_params, **data_options
         )
     if print_recipe:
         assert rec is not None
@@ -450,7 +491,7 @@ def compress(
                     on_outputs=keep,
                 )
             else:
-                techniques = (["fold"] if fold else []) + ([quantize] if quantize else []) + list(technique or [])
+                techniques = (["fold"] if fold else []) + ordered
                 if not techniques:
                     raise OnnxCompressError("nothing to do: choose a technique, e.g. --quantize int8-weights")
                 r = api.compress(
@@ -468,7 +509,7 @@ def compress(
                     target=target or "standard",
                     exclude=list(exclude or []),
                     fold=fold is not False,
-                    params=Params.parse(param).items,
+                    params=Params.parse(all_params).items,
                     parts=parts,
                     on_outputs=keep,
                     split=split_opts,

@@ -58,6 +58,8 @@ from .validate import Tolerance
 PRESETS_DIR = Path(__file__).with_name("presets")
 QUANTIZE = "quantize"
 LOSSLESS = frozenset({"fold"})
+# Lossy passes that are not quantization modes: a recipe names them directly (``name = "prune"``).
+NAMED = frozenset({"prune", "prune-channels", "lowrank", "cluster", "tune"})
 _TOP_KEYS = ("description", "target", "calibration", "exclude", "external_data", "params", "pass", "validate", "split")
 _SPLIT_KEYS = ("max_part_size", "parts", "balance", "outdir")
 _PASS_KEYS = ("name", "mode", "exclude", "params")
@@ -359,7 +361,7 @@ class _Reader:
         if "name" not in table:
             raise self.error(path, "missing key 'name' (a technique, or \"quantize\" with a mode)")
         name = self._str(table["name"], (*path, "name"))
-        modes = [n for n in PASSES if n not in LOSSLESS]
+        modes = [n for n in PASSES if n not in LOSSLESS and n not in NAMED]
         if name == QUANTIZE:
             if "mode" not in table:
                 raise self.error(path, f"missing key 'mode' for quantize: choose from {', '.join(modes)}")
@@ -517,6 +519,51 @@ def check_recipe(
 # --------------------------------------------------------------------------- from CLI options
 
 
+def structural_options(
+    *,
+    prune: float | None = None,
+    prune_mode: str | None = None,
+    lowrank: str | None = None,
+    cluster: int | None = None,
+) -> tuple[list[str], list[str]]:
+    """The techniques and ``KEY=VALUE`` settings of ``compress``'s structural flags, in pipeline order
+    (pruning, then low-rank, then clustering; quantization comes after them).
+
+    ``--prune R [--prune-mode unstructured|2:4|4:8|channels]``, ``--lowrank energy=E|ratio=R|rank=N``,
+    ``--cluster K``. The values are checked by the passes' own settings (one-line errors).
+
+    Raises:
+        OnnxCompressError: an unknown prune mode, or a ``--lowrank`` value that is not KEY=VALUE.
+    """
+    techniques: list[str] = []
+    params: list[str] = []
+    if prune is not None or prune_mode is not None:
+        mode = prune_mode or "unstructured"
+        if mode == "channels":
+            techniques.append("prune-channels")
+            if prune is not None:
+                params.append(f"prune_channels_ratio={prune!r}")
+        elif mode in ("unstructured", "2:4", "4:8"):
+            techniques.append("prune")
+            params.append(f"prune_mode={mode}")
+            if prune is not None:
+                params.append(f"prune_sparsity={prune!r}")
+        else:
+            raise OnnxCompressError(f"--prune-mode {mode!r}: choose unstructured, 2:4, 4:8 or channels")
+    if lowrank is not None:
+        key, sep, value = lowrank.partition("=")
+        if not sep or key not in ("energy", "ratio", "rank") or not value:
+            raise OnnxCompressError(
+                f"--lowrank {lowrank!r}: expected energy=E (e.g. 0.95), ratio=R (e.g. 0.5) or rank=N"
+            )
+        techniques.append("lowrank")
+        params.append(f"lowrank_{key}={value}")
+    if cluster is not None:
+        techniques.append("cluster")
+        params.append(f"cluster_k={cluster}")
+    return techniques, params
+
+
 def recipe_from_options(
     *,
     fold: bool | None = None,
@@ -652,7 +699,7 @@ def to_toml(recipe: Recipe) -> str:
         lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in recipe.params]
     for spec in recipe.passes:
         lines += ["", "[[pass]]"]
-        if spec.name in LOSSLESS:
+        if spec.name in LOSSLESS or spec.name in NAMED:
             lines.append(f"name = {_toml_str(spec.name)}")
         else:
             lines += [f"name = {_toml_str(QUANTIZE)}", f"mode = {_toml_str(spec.name)}"]

@@ -28,6 +28,7 @@ from .passes.quantize.dynamic import Int8DynamicPass, int8_dynamic_config
 from .passes.quantize.float16 import FloatPass, float_config
 from .passes.quantize.int4 import Int4Pass, int4_config
 from .passes.quantize.static import Int8StaticPass, int8_static_config
+from .passes.structural.channels import PruneChannelsPass, channels_config
 from .pipeline import FixedPointPass
 
 
@@ -86,6 +87,9 @@ PASSES: dict[str, PassFactory] = {
     # int8-static for convolution-dominated graphs (int8-weights without calibration), int8-dynamic
     # for MatMul-dominated ones; falls back to int8-weights when the result measures slower.
     "auto": lambda params: AutoPass(auto_config(params)),
+    # Structured pruning: removes whole channels/neurons (dependency groups), refits the next layers
+    # by least squares on calibration data.
+    "prune-channels": lambda params: PruneChannelsPass(channels_config(params)),
 }
 
 # Tolerances applied when the user gives none: the loosest that still marks a broken model.
@@ -100,6 +104,7 @@ DEFAULT_TOLERANCES: dict[str, list[str]] = {
     "fp16": ["cosine>=0.999", "accuracy_drop<=0.005"],
     "bf16": ["cosine>=0.995", "accuracy_drop<=0.01"],
     "auto": ["cosine>=0.99", "accuracy_drop<=0.01"],
+    "prune-channels": ["cosine>=0.9", "accuracy_drop<=0.02"],
 }
 LOSSLESS_TOLERANCES = ["max_abs<=1e-4"]
 

@@ -154,13 +154,20 @@ def test_known_bad_refusal(results: dict, case: str) -> None:
     assert rows and all(r["status"] != "refused" for r in rows), rows[0]["reason"]
 
 
+# Passes that can act on fewer cases: the node cases are mostly one layer whose output is the graph
+# output, and prune-channels never prunes the channels of a graph output (it would change its shape).
+MIN_TRANSFORMED = {"prune-channels": 10}
+
+
 @pytest.mark.parametrize("pass_name", list(PASSES))
 def test_subset_exercises_the_pass(results: dict, pass_name: str) -> None:
     """Guard against a harness that silently runs nothing (everything excluded or baseline-fail)."""
     rows = [r for (_, p), r in results.items() if p == pass_name]
     count = {s: sum(r["status"] == s for r in rows) for s in conformance.STATUSES}
     assert count["baseline-fail"] + count["excluded"] <= len(rows) // 4, count
-    assert count["transformed-within-tolerance"] >= (len(rows) // 4 if pass_name == "fold" else 15), count
+    assert count["transformed-within-tolerance"] >= (
+        len(rows) // 4 if pass_name == "fold" else MIN_TRANSFORMED.get(pass_name, 15)
+    ), count
 
 
 def test_timeout_guard_kills_a_slow_step() -> None:

@@ -1,0 +1,2 @@
+"""Structural compression passes: pruning (unstructured, N:M, structured channels), low-rank factorisation,
+weight clustering."""
