@@ -22,6 +22,7 @@ from . import api, cli_batch, html_report
 from . import recipe as recipe_mod
 from .cli_diagnose import register as register_diagnose
 from .cli_split import register as register_split
+from .cli_tune import register as register_tune
 from .errors import OnnxCompressError, ValidationFailed
 from .feeds import parse_shapes
 from .io import parse_size
@@ -556,6 +557,7 @@ def compress(
 
 cli_batch.register(app)
 register_diagnose(app)
+register_tune(app)
 register_split(app)
 
 

@@ -28,8 +28,10 @@ from .passes.quantize.dynamic import Int8DynamicPass, int8_dynamic_config
 from .passes.quantize.float16 import FloatPass, float_config
 from .passes.quantize.int4 import Int4Pass, int4_config
 from .passes.quantize.static import Int8StaticPass, int8_static_config
+from .passes.structural import ClusterPass, LowRankPass, PrunePass, cluster_config, lowrank_config, prune_config
 from .passes.structural.channels import PruneChannelsPass, channels_config
 from .pipeline import FixedPointPass
+from .tune import TunePass, tune_config
 
 
 def fold_pass(params: Params | None = None) -> Pass:
@@ -90,6 +92,16 @@ PASSES: dict[str, PassFactory] = {
     # Structured pruning: removes whole channels/neurons (dependency groups), refits the next layers
     # by least squares on calibration data.
     "prune-channels": lambda params: PruneChannelsPass(channels_config(params)),
+    # Magnitude / N:M pruning (SparseGPT refit with calibration data); the file stays dense: the gain
+    # is in the transport (compressed download) size.
+    "prune": lambda params: PrunePass(prune_config(params)),
+    # SVD factorisation W ~ A.B where it saves parameters (activation-weighted with calibration data).
+    "lowrank": lambda params: LowRankPass(lowrank_config(params)),
+    # k-means weight sharing: uint8 (K <= 256) or packed 4-bit (K <= 16) indices + a codebook.
+    "cluster": lambda params: ClusterPass(cluster_config(params)),
+    # Per-layer mixed precision (int4 / int8 / fp16 / fp32) searched against a tolerance on
+    # calibration data (the `tune` command searches on the validation inputs).
+    "tune": lambda params: TunePass(tune_config(params)),
 }
 
 # Tolerances applied when the user gives none: the loosest that still marks a broken model.
@@ -105,6 +117,10 @@ DEFAULT_TOLERANCES: dict[str, list[str]] = {
     "bf16": ["cosine>=0.995", "accuracy_drop<=0.01"],
     "auto": ["cosine>=0.99", "accuracy_drop<=0.01"],
     "prune-channels": ["cosine>=0.9", "accuracy_drop<=0.02"],
+    "prune": ["cosine>=0.95", "accuracy_drop<=0.03"],
+    "lowrank": ["cosine>=0.95", "accuracy_drop<=0.03"],
+    "cluster": ["cosine>=0.99", "accuracy_drop<=0.01"],
+    "tune": ["cosine>=0.99", "accuracy_drop<=0.01"],
 }
 LOSSLESS_TOLERANCES = ["max_abs<=1e-4"]
 
