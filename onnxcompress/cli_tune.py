@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
     """
     if any(getattr(c, "name", None) == "tune" for c in app.registered_commands):
         return
-    from . import api, cli
+    from . import api, cli, html_report
     from . import feeds as feeds_mod
     from . import tune as tune_mod
     from .errors import OnnxCompressError, ValidationFailed
@@ -105,8 +105,11 @@ def register(app: typer.Typer) -> None:
         force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
         max_memory: cli.MaxMemoryOpt = None,
         parts: cli.PartsOpt = True,
+        html: cli.HtmlOpt = None,
     ) -> None:
         """Find the smallest per-layer mixture of int4/int8/fp16/fp32 weights that holds the tolerances."""
+        if html is not None:
+            html_report.check_available()  # before any work
         tols = list(tolerance or ["cosine>=0.99"])
         tune_mod.parse_tolerances(tols)  # bad tolerances: exit 2 before any work
         if target not in TARGETS:
@@ -169,6 +172,19 @@ def register(app: typer.Typer) -> None:
         data = r.to_dict()
         if report:
             write_json(data, report)
+        if html is not None:
+            errors = html_report.errors_from_models(model, output, feed_list) if r.written else {}
+            precision_map = [
+                {"layer": la["tensor"], "op": la["op"], "precision": la["precision"], "reason": la["why"],
+                 "bytes": la["bytes"]}
+                for la in data["tune"]["layers"]
+            ]  # fmt: skip
+            html_report.write_html(
+                html,
+                "tune",
+                {**data, "layers": precision_map},
+                extra={"original": model, "candidate": output, "errors": errors},
+            )
         if json_out:
             sys.stdout.write(to_json(data) + "\n")
         else:

@@ -228,8 +228,14 @@ def test_cli_labels_count_mismatch_exit_2(tmp_path: Path) -> None:
 
 
 def test_digits_cnn_accuracy_drop_smaller_than_int8(tmp_path: Path) -> None:
-    """digits_cnn with labels: the tuned model is smaller than int8-weights and keeps the accuracy."""
+    """digits_cnn with labels: the tuned model is smaller than int8-weights and keeps the accuracy;
+    with the html extra, --html writes the page with the per-layer precision map."""
+    import importlib.util
+
     from onnxcompress import api
+
+    has_html = all(importlib.util.find_spec(m) for m in ("jinja2", "matplotlib"))
+    html = ["--html", str(tmp_path / "d.html")] if has_html else []
 
     register(cli.app)
     model = MODELS / "digits_cnn.onnx"
@@ -237,7 +243,7 @@ def test_digits_cnn_accuracy_drop_smaller_than_int8(tmp_path: Path) -> None:
     code = cli.main([
         "tune", str(model), "-o", str(out), "--inputs", str(MODELS / "digits_cnn.inputs.npz"),
         "--labels", str(MODELS / "digits_cnn.labels.npy"), "--tolerance", "accuracy_drop<=0.005",
-        "--report", str(rep), "--json",
+        "--report", str(rep), "--json", *html,
     ])  # fmt: skip
     assert code == 0
     data = json.loads(rep.read_text())
@@ -245,6 +251,14 @@ def test_digits_cnn_accuracy_drop_smaller_than_int8(tmp_path: Path) -> None:
     int8 = api.compress(model, tmp_path / "int8.onnx", ["int8-weights"], tolerances=["cosine>=0.9"])
     assert data["output"]["size_bytes"] < int8.output["size_bytes"]
     assert any(la["precision"] == "int4" for la in data["tune"]["layers"])
+    if html:  # the page's precision map lists every tuned layer with its precision
+        import re
+
+        page = (tmp_path / "d.html").read_text()
+        section = page[page.index('id="precision-map"') :]
+        for la in data["tune"]["layers"]:
+            row = re.search(re.escape(la["tensor"]) + r".{0,400}?" + la["precision"], section, re.S)
+            assert row, la["tensor"]
 
 
 def test_relative_accuracy_drop_and_search_on_calibration(tmp_path: Path) -> None:
