@@ -194,6 +194,7 @@ def compress(
     parts: bool = True,
     on_outputs: Callable[[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]], None] | None = None,
     split: SplitOptions | None = None,
+    write_compressed: tuple[str, ...] | list[str] = (),
 ) -> CompressionReport:
     """Compress a model file and validate the result against the original.
 
@@ -219,6 +220,9 @@ def compress(
         split: Also split the written model into parts (see :func:`onnxcompress.split.split_model`);
             the parts are checked against the written model (``max_abs<=1e-5`` on the feeds) and
             described under the report's ``split`` key.
+        write_compressed: Also write each output file compressed beside it (``gz``: ``OUT.onnx.gz``,
+            gzip -9; ``zst``: ``OUT.onnx.zst``, zstd -19), for download-size-bound deployments; the
+            report's ``output.compressed`` gives their bytes and ratio to the input.
 
     Returns:
         The report. If validation fails and not ``force``, raises :class:`ValidationFailed` carrying it.
@@ -226,6 +230,7 @@ def compress(
     start = time.perf_counter()
     in_path, out_path = Path(model_path), Path(output)
     io.check_output_path(out_path, force=force, protect=(in_path,))
+    io.check_compressed_formats(write_compressed)
     if split is not None:
         split.check()
         split_dir = split.folder(out_path)
@@ -281,6 +286,17 @@ def compress(
     except BaseException:
         staged.discard()
         raise
+    compressed: dict[str, Any] = {}
+    if write:
+        for fmt in dict.fromkeys(write_compressed):
+            note(f"writing {out_path.name}.{fmt}")
+            files = [io.write_compressed(out_path.parent / f, fmt) for f in staged.files]
+            size = sum(f.stat().st_size for f in files)
+            compressed[fmt] = {
+                "files": [str(f) for f in files],
+                "bytes": size,
+                "ratio": round(size / in_size, 6) if in_size else None,
+            }
     split_info = None
     if split is not None and write:
         note(f"splitting {out_path.name}")
@@ -316,6 +332,7 @@ def compress(
             "size_bytes": out_size,
             "written": write,
             "files": [str(out_path.parent / f) for f in staged.files],
+            **({"compressed": compressed} if compressed else {}),
         },
         size_ratio=out_size / in_size if in_size else 1.0,
         techniques=list(techniques),

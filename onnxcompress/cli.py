@@ -415,6 +415,14 @@ def compress(
         Path | None,
         typer.Option("--split-dir", help="Where --split-max-part-size writes the parts (default: OUTPUT.parts/)."),
     ] = None,
+    write_compressed: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--write-compressed",
+            help="Also write OUTPUT.gz (gzip -9) or OUTPUT.zst (zstd -19; needs zstandard) beside the output "
+            "(repeatable), for download-size-bound deployments; their bytes are in the report (output.compressed).",
+        ),
+    ] = None,
 ) -> None:
     """Compress MODEL into OUTPUT, validate it against MODEL, and write it only if it passes."""
     if split_dir is not None and split_max_part_size is None:
@@ -438,6 +446,7 @@ def compress(
         "skip_validation": skip_validation,
         "external_data": external_data,
         "split": split_opts,
+        "write_compressed": list(write_compressed or []),
     }
     structural, structural_params = recipe_mod.structural_options(
         prune=prune, prune_mode=prune_mode, lowrank=lowrank, cluster=cluster
@@ -514,6 +523,7 @@ def compress(
                     parts=parts,
                     on_outputs=keep,
                     split=split_opts,
+                    write_compressed=list(write_compressed or []),
                 )
     except ValidationFailed as exc:
         failed, r = exc, exc.report
@@ -546,6 +556,10 @@ def compress(
         if r.validation is not None:
             _print_validation(r.validation)
         out.print(f"written: {r.output['path']}" if r.written else "[red]not written[/]")
+        for fmt, c in (r.output.get("compressed") or {}).items():
+            out.print(
+                f"{fmt} copy: {c['bytes']:,} bytes (ratio {c['ratio']:.3f} to the input): {', '.join(c['files'])}"
+            )
         if r.split is not None:
             sizes = [p.get("weight_bytes", 0) for p in r.split.get("parts", [])]
             out.print(

@@ -942,3 +942,53 @@ def save(
     except OSError as exc:
         staged.discard()
         raise OnnxCompressError(f"cannot write {out}: {exc.strerror or exc}") from None
+
+
+# --------------------------------------------------------------------------- compressed copies
+
+COMPRESSED_FORMATS = ("gz", "zst")
+
+
+def check_compressed_formats(formats: list[str] | tuple[str, ...]) -> None:
+    """Refuse unknown formats, and ``zst`` without the ``zstandard`` package (before any work).
+
+    Raises:
+        OnnxCompressError: naming the format or the missing package.
+    """
+    for fmt in formats:
+        if fmt not in COMPRESSED_FORMATS:
+            raise OnnxCompressError(f"unknown compressed format {fmt!r}: choose gz or zst")
+        if fmt == "zst":
+            try:
+                import zstandard  # noqa: F401
+            except ImportError:
+                raise OnnxCompressError("zst copies need the zstandard package: pip install zstandard") from None
+
+
+def write_compressed(path: Path, fmt: str, level: int | None = None) -> Path:
+    """Write ``path`` compressed beside it (``PATH.gz``: gzip level 9; ``PATH.zst``: zstd level 19),
+    streamed in chunks, to a temp file renamed into place. Returns the written path."""
+    check_compressed_formats([fmt])
+    out = path.with_name(path.name + "." + fmt)
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{out.name}")
+    try:
+        with open(path, "rb") as src, open(tmp, "wb") as raw:
+            if fmt == "gz":
+                import gzip
+
+                with gzip.GzipFile(filename=path.name, mode="wb", fileobj=raw, compresslevel=level or 9, mtime=0) as z:
+                    while block := src.read(1 << 22):
+                        z.write(block)
+            else:
+                import zstandard
+
+                cctx = zstandard.ZstdCompressor(level=level or 19, threads=-1)
+                with cctx.stream_writer(raw, size=path.stat().st_size, closefd=False) as z:
+                    while block := src.read(1 << 22):
+                        z.write(block)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return out

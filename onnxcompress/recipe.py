@@ -48,7 +48,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-from . import api
+from . import api, io
 from .errors import OnnxCompressError
 from .feeds import parse_shapes
 from .passes.base import TARGETS, Params
@@ -60,7 +60,18 @@ QUANTIZE = "quantize"
 LOSSLESS = frozenset({"fold"})
 # Lossy passes that are not quantization modes: a recipe names them directly (``name = "prune"``).
 NAMED = frozenset({"prune", "prune-channels", "lowrank", "cluster", "tune"})
-_TOP_KEYS = ("description", "target", "calibration", "exclude", "external_data", "params", "pass", "validate", "split")
+_TOP_KEYS = (
+    "description",
+    "target",
+    "calibration",
+    "exclude",
+    "external_data",
+    "write_compressed",
+    "params",
+    "pass",
+    "validate",
+    "split",
+)
 _SPLIT_KEYS = ("max_part_size", "parts", "balance", "outdir")
 _PASS_KEYS = ("name", "mode", "exclude", "params")
 _VALIDATE_KEYS = ("skip", "tolerance", "inputs", "shapes", "int_high", "labels", "label_output")
@@ -108,6 +119,7 @@ class Recipe:
     description: str = ""
     source: str = dataclasses.field(default="<options>", compare=False)
     split: api.SplitOptions | None = None
+    write_compressed: tuple[str, ...] = ()
 
     @property
     def techniques(self) -> list[str]:
@@ -155,6 +167,7 @@ class Recipe:
             "params": self.all_params(),
             "external_data": self.external_data,
             "split": self.split,
+            "write_compressed": self.write_compressed,
         }
 
 
@@ -349,6 +362,7 @@ class _Reader:
             description=self._str(data.get("description", ""), ("description",)),
             source=self.source,
             split=self._split(data["split"]) if "split" in data else None,
+            write_compressed=self._formats(data.get("write_compressed", []), ("write_compressed",)),
         )
         check_recipe(recipe, self.error)
         return recipe
@@ -380,6 +394,13 @@ class _Reader:
             exclude=self._str_list(table.get("exclude", []), (*path, "exclude")),
             params=self._params(table.get("params", {}), (*path, "params")),
         )
+
+    def _formats(self, value: Any, path: tuple[str | int, ...]) -> tuple[str, ...]:
+        formats = self._str_list(value, path)
+        for i, fmt in enumerate(formats, 1):
+            if fmt not in io.COMPRESSED_FORMATS:
+                raise self.error((*path, i), f"unknown compressed format {fmt!r}: choose gz or zst")
+        return formats
 
     def _split(self, table: Any) -> api.SplitOptions:
         path: tuple[str | int, ...] = ("split",)
@@ -582,6 +603,7 @@ def recipe_from_options(
     skip_validation: bool = False,
     external_data: bool | None = None,
     split: api.SplitOptions | None = None,
+    write_compressed: list[str] | tuple[str, ...] = (),
 ) -> Recipe:
     """The recipe equivalent to a ``compress`` flag combination (same passes, in the same order).
 
@@ -621,6 +643,7 @@ def recipe_from_options(
             label_output=label_output,
         ),
         split=_abs_split(split),
+        write_compressed=_formats(write_compressed),
     )
     check_recipe(recipe, lambda path, msg: OnnxCompressError(f"--param {_key_path(path[-1:])}: {msg}"))
     return recipe
@@ -640,6 +663,7 @@ def override(
     skip_validation: bool = False,
     external_data: bool | None = None,
     split: api.SplitOptions | None = None,
+    write_compressed: list[str] | tuple[str, ...] = (),
 ) -> Recipe:
     """``recipe`` with the data and validation options a user gave beside ``--recipe`` replacing its own."""
     if target is not None and target not in TARGETS:
@@ -665,11 +689,19 @@ def override(
         external_data=external_data if external_data is not None else recipe.external_data,
         validate=new_v,
         split=_abs_split(split) if split is not None else recipe.split,
+        write_compressed=_formats(write_compressed) if write_compressed else recipe.write_compressed,
     )
 
 
 def _abs(path: str | os.PathLike[str] | None) -> str | None:
     return None if path is None else os.path.abspath(os.fspath(path))
+
+
+def _formats(formats: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    for fmt in formats:
+        if fmt not in io.COMPRESSED_FORMATS:
+            raise OnnxCompressError(f"unknown compressed format {fmt!r}: choose gz or zst")
+    return tuple(dict.fromkeys(formats))
 
 
 def _abs_split(split: api.SplitOptions | None) -> api.SplitOptions | None:
@@ -694,6 +726,8 @@ def to_toml(recipe: Recipe) -> str:
         lines.append(f"exclude = {_toml_list(recipe.exclude)}")
     if recipe.external_data is not None:
         lines.append(f"external_data = {_toml_bool(recipe.external_data)}")
+    if recipe.write_compressed:
+        lines.append(f"write_compressed = {_toml_list(recipe.write_compressed)}")
     if recipe.params:
         lines += ["", "[params]"]
         lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in recipe.params]

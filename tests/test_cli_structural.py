@@ -79,3 +79,39 @@ def test_bad_values_of_the_other_passes(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_write_compressed_copies(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--write-compressed gz/zst: the copies decompress to the written bytes; their sizes are reported."""
+    import gzip
+    import importlib.util
+
+    formats = ["gz"] + (["zst"] if importlib.util.find_spec("zstandard") else [])
+    out = tmp_path / "p.onnx"
+    flags = [x for f in formats for x in ("--write-compressed", f)]
+    args = ["compress", str(MODELS / "digits_cnn.onnx"), "-o", str(out), "-q", "int8-weights", *flags]
+    assert cli.main([*args, "--report", str(tmp_path / "r.json")]) == 0, capsys.readouterr()
+    report = json.loads((tmp_path / "r.json").read_text())["output"]["compressed"]
+    assert sorted(report) == sorted(formats)
+    assert gzip.decompress((tmp_path / "p.onnx.gz").read_bytes()) == out.read_bytes()
+    assert report["gz"]["bytes"] == (tmp_path / "p.onnx.gz").stat().st_size < out.stat().st_size
+    if "zst" in formats:
+        import zstandard
+
+        assert zstandard.ZstdDecompressor().decompress((tmp_path / "p.onnx.zst").read_bytes()) == out.read_bytes()
+    capsys.readouterr()
+    assert cli.main([*args, "--print-recipe"]) == 0
+    text = capsys.readouterr().out
+    assert R.parse_recipe(text).write_compressed == tuple(formats)
+    assert not list(tmp_path.glob(".onnxcompress-tmp-*"))
+
+
+def test_write_compressed_bad_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "p.onnx"
+    code = cli.main(
+        ["compress", str(MODELS / "digits_cnn.onnx"), "-o", str(out), "-q", "fp16", "--write-compressed", "7z"]
+    )
+    assert code == 2 and "unknown compressed format '7z'" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(OnnxCompressError, match="write_compressed"):
+        R.parse_recipe('write_compressed = ["rar"]\n[[pass]]\nname = "fold"\n')

@@ -58,7 +58,10 @@ def test_unknown_preset_lists_presets() -> None:
 
 
 ERRORS = {
-    "unknown pass": ('[[pass]]\nname = "fold"\n\n[[pass]]\nname = "prune"\n', ":5: pass[2].name: unknown pass 'prune'"),
+    "unknown pass": (
+        '[[pass]]\nname = "fold"\n\n[[pass]]\nname = "shrink"\n',
+        ":5: pass[2].name: unknown pass 'shrink'",
+    ),
     "bad mode": ('[[pass]]\nname = "fold"\n[[pass]]\nname = "quantize"\nmode = "int9"\n', ":5: pass[2].mode: unknown"),
     "missing mode": ('[[pass]]\nname = "quantize"\n', ":1: pass[1]: missing key 'mode'"),
     "mode without quantize": ('[[pass]]\nname = "fold"\nmode = "int4"\n', ":3: pass[1].mode:"),
