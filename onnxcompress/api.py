@@ -195,6 +195,8 @@ def compress(
     on_outputs: Callable[[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]], None] | None = None,
     split: SplitOptions | None = None,
     write_compressed: tuple[str, ...] | list[str] = (),
+    pack: bool = False,
+    transport_size: bool = True,
 ) -> CompressionReport:
     """Compress a model file and validate the result against the original.
 
@@ -223,6 +225,10 @@ def compress(
         write_compressed: Also write each output file compressed beside it (``gz``: ``OUT.onnx.gz``,
             gzip -9; ``zst``: ``OUT.onnx.zst``, zstd -19), for download-size-bound deployments; the
             report's ``output.compressed`` gives their bytes and ratio to the input.
+        pack: Also write the transport package ``OUT.ocpk`` (see :mod:`onnxcompress.transport`;
+            ``onnxcompress unpack`` restores the output bit for bit).
+        transport_size: Report ``output.transport_bytes``, the size of that package (computed
+            without writing it unless ``pack``; a full coding pass: about 1.5 s of CPU for 90 MB).
 
     Returns:
         The report. If validation fails and not ``force``, raises :class:`ValidationFailed` carrying it.
@@ -287,6 +293,22 @@ def compress(
         staged.discard()
         raise
     compressed: dict[str, Any] = {}
+    transport_bytes: int | None = None
+    packed: dict[str, Any] | None = None
+    if write and (pack or transport_size):
+        from . import transport
+
+        if pack:
+            note(f"packing {out_path.with_suffix('.ocpk').name}")
+            stats = transport.pack(out_path, out_path.with_suffix(".ocpk"), force=force)
+            transport_bytes = int(stats["package_bytes"])
+            packed = {"path": str(out_path.with_suffix(".ocpk")), "bytes": transport_bytes}
+        else:
+            note("measuring the transport size")
+            try:
+                transport_bytes = transport.packed_size(out_path)
+            except Exception as exc:  # the size is extra detail: never fail a written model on it
+                log.warning("transport size not measured: %s: %s", type(exc).__name__, exc)
     if write:
         for fmt in dict.fromkeys(write_compressed):
             note(f"writing {out_path.name}.{fmt}")
@@ -332,6 +354,8 @@ def compress(
             "size_bytes": out_size,
             "written": write,
             "files": [str(out_path.parent / f) for f in staged.files],
+            "transport_bytes": transport_bytes,
+            **({"package": packed} if packed else {}),
             **({"compressed": compressed} if compressed else {}),
         },
         size_ratio=out_size / in_size if in_size else 1.0,

@@ -85,6 +85,7 @@ CSV_COLUMNS = (
     "size_before",
     "size_after",
     "size_ratio",
+    "transport_bytes",
     "fidelity",
     "seconds",
     "resumed",
@@ -126,6 +127,7 @@ class ModelResult:
     size_before: int = 0
     size_after: int | None = None
     size_ratio: float | None = None
+    transport_bytes: int | None = None
     fidelity: float | None = None
     seconds: float = 0.0
     key: str | None = None
@@ -443,6 +445,7 @@ def _run_job(job: Job, recipe: recipe_mod.Recipe, max_memory: int | None) -> Mod
             if report is not None:
                 res.size_after = int(report.output["size_bytes"])
                 res.size_ratio = res.size_after / job.size if job.size else None
+                res.transport_bytes = report.output.get("transport_bytes")
                 res.fidelity = _fidelity(report.validation)
                 res.validation = report.validation.to_dict() if report.validation is not None else None
             if res.status == OK:

@@ -67,6 +67,8 @@ _TOP_KEYS = (
     "exclude",
     "external_data",
     "write_compressed",
+    "pack",
+    "transport_size",
     "params",
     "pass",
     "validate",
@@ -120,6 +122,8 @@ class Recipe:
     source: str = dataclasses.field(default="<options>", compare=False)
     split: api.SplitOptions | None = None
     write_compressed: tuple[str, ...] = ()
+    pack: bool = False
+    transport_size: bool = True
 
     @property
     def techniques(self) -> list[str]:
@@ -168,6 +172,8 @@ class Recipe:
             "external_data": self.external_data,
             "split": self.split,
             "write_compressed": self.write_compressed,
+            "pack": self.pack,
+            "transport_size": self.transport_size,
         }
 
 
@@ -363,6 +369,8 @@ class _Reader:
             source=self.source,
             split=self._split(data["split"]) if "split" in data else None,
             write_compressed=self._formats(data.get("write_compressed", []), ("write_compressed",)),
+            pack=self._bool(data.get("pack", False), ("pack",)),
+            transport_size=self._bool(data.get("transport_size", True), ("transport_size",)),
         )
         check_recipe(recipe, self.error)
         return recipe
@@ -604,6 +612,8 @@ def recipe_from_options(
     external_data: bool | None = None,
     split: api.SplitOptions | None = None,
     write_compressed: list[str] | tuple[str, ...] = (),
+    pack: bool = False,
+    transport_size: bool = True,
 ) -> Recipe:
     """The recipe equivalent to a ``compress`` flag combination (same passes, in the same order).
 
@@ -644,6 +654,8 @@ def recipe_from_options(
         ),
         split=_abs_split(split),
         write_compressed=_formats(write_compressed),
+        pack=pack,
+        transport_size=transport_size,
     )
     check_recipe(recipe, lambda path, msg: OnnxCompressError(f"--param {_key_path(path[-1:])}: {msg}"))
     return recipe
@@ -664,6 +676,8 @@ def override(
     external_data: bool | None = None,
     split: api.SplitOptions | None = None,
     write_compressed: list[str] | tuple[str, ...] = (),
+    pack: bool = False,
+    transport_size: bool = True,
 ) -> Recipe:
     """``recipe`` with the data and validation options a user gave beside ``--recipe`` replacing its own."""
     if target is not None and target not in TARGETS:
@@ -690,6 +704,8 @@ def override(
         validate=new_v,
         split=_abs_split(split) if split is not None else recipe.split,
         write_compressed=_formats(write_compressed) if write_compressed else recipe.write_compressed,
+        pack=pack or recipe.pack,
+        transport_size=transport_size and recipe.transport_size,
     )
 
 
@@ -728,6 +744,10 @@ def to_toml(recipe: Recipe) -> str:
         lines.append(f"external_data = {_toml_bool(recipe.external_data)}")
     if recipe.write_compressed:
         lines.append(f"write_compressed = {_toml_list(recipe.write_compressed)}")
+    if recipe.pack:
+        lines.append("pack = true")
+    if not recipe.transport_size:
+        lines.append("transport_size = false")
     if recipe.params:
         lines += ["", "[params]"]
         lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in recipe.params]
