@@ -277,6 +277,8 @@ def expand_inputs(inputs: list[str | os.PathLike[str]], outdir: str | os.PathLik
 
 def _external_files(model_path: Path) -> list[Path]:
     """The external-data files a model names that lie inside its folder (unparseable: none)."""
+    if not _mentions(model_path, b"location"):
+        return []  # every external tensor names its file under the key "location": none here
     try:
         proto = onnx.load_model(str(model_path), load_external_data=False)
     except Exception:
@@ -293,6 +295,20 @@ def _external_files(model_path: Path) -> list[Path]:
         if p.is_file() and (p.parent == folder or folder in p.parents):
             files.add(p)
     return sorted(files)
+
+
+def _mentions(path: Path, needle: bytes) -> bool:
+    """Whether the file's bytes contain ``needle`` (read in blocks; True if it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            tail = b""
+            while block := f.read(1 << 22):
+                if needle in tail + block[: len(needle) - 1] or needle in block:
+                    return True
+                tail = block[-(len(needle) - 1) :]
+    except OSError:
+        return True
+    return False
 
 
 def _sidecars(model_path: Path, recipe: recipe_mod.Recipe) -> list[Path]:
@@ -390,6 +406,13 @@ def _on_sigint(signum: int, frame: Any) -> None:
 def _worker_init() -> None:
     signal.signal(signal.SIGINT, _on_sigint)
     logging.basicConfig(level=logging.WARNING)
+
+
+def _warm_up() -> None:
+    """Run in each new worker first: import what a job needs while the parent plans."""
+    import onnxruntime  # noqa: F401
+
+    from . import api  # noqa: F401
 
 
 def _owned_data(out: Path) -> list[Path]:
@@ -593,6 +616,13 @@ def run_batch(
     recipe_text = recipe_mod.to_toml(recipe)
     prev = {} if force else load_previous(out_root)
     note = on_event or (lambda _e, _j, _r: None)
+    budget = memory_budget if memory_budget is not None else int(available_memory() * 0.9)
+    runner: _Runner | None = None
+    if executor == "process" and not prev:
+        # A first run (nothing to resume): start the workers now, so that their imports overlap the
+        # hashing of the inputs below. A resumed run starts none unless something is left to do.
+        runner = _Runner(recipe, max_memory, jobs, budget, note, lambda _j, _r: None)
+        runner.start()
 
     all_jobs = [Job(src=src, out=out_root / rel, rel=rel) for src, rel in planned]
     results: dict[str, ModelResult] = {}
@@ -640,7 +670,6 @@ def run_batch(
         note("done", job, r)
         flush()
 
-    budget = memory_budget if memory_budget is not None else int(available_memory() * 0.9)
     try:
         if executor == "dask" and todo:
             _DaskRunner(client, recipe, max_memory, ship, note, finished).run(todo)
@@ -652,7 +681,9 @@ def run_batch(
                 if r.status == INTERRUPTED:
                     raise KeyboardInterrupt
         else:
-            _Runner(recipe, max_memory, jobs, budget, note, finished).run(todo)
+            runner = runner or _Runner(recipe, max_memory, jobs, budget, note, finished)
+            runner.finished = finished
+            runner.run(todo)
     except KeyboardInterrupt:
         for job in todo:
             r = results.get(job.rel)
@@ -664,6 +695,8 @@ def run_batch(
         flush()
         raise
     finally:
+        if runner is not None:
+            runner.stop()
         if own_client:
             with contextlib.suppress(Exception):
                 client.close()
@@ -696,6 +729,34 @@ class _Runner:
         self.recipe, self.max_memory, self.jobs, self.budget = recipe, max_memory, jobs, budget
         self.note, self.finished, self.work = note, finished, work
         self.pool: cf.ProcessPoolExecutor | None = None
+        self._saved_env: dict[str, str | None] | None = None
+
+    def start(self) -> None:
+        """Spawn the workers now (each imports the stack once), with their share of the cores.
+
+        Workers inherit the environment at spawn: each gets cores/N threads for numpy's BLAS and
+        onnxruntime (unless the user set them), so that N jobs do not fight over the cores. The
+        variables stay set until :meth:`stop` (a pool rebuilt after a crash spawns with them too).
+        """
+        if self._saved_env is None:
+            share = str(max(1, default_jobs() // self.jobs))
+            self._saved_env = {k: os.environ.get(k) for k in _THREAD_VARS}
+            for k in _THREAD_VARS:
+                os.environ.setdefault(k, share)
+        pool = self._pool()
+        for _ in range(self.jobs):
+            pool.submit(_warm_up)
+
+    def stop(self) -> None:
+        """Shut the pool down and restore the environment."""
+        self._close(cancel=True)
+        if self._saved_env is not None:
+            for k, v in self._saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            self._saved_env = None
 
     def _pool(self) -> cf.ProcessPoolExecutor:
         if self.pool is None:
@@ -718,18 +779,11 @@ class _Runner:
         return None
 
     def run(self, todo: list[Job]) -> None:
-        # Workers inherit the environment at spawn: give each its share of the cores for numpy's BLAS
-        # (unless the user set it), so that N jobs do not fight over the cores.
-        share = str(max(1, default_jobs() // self.jobs))
-        saved = {k: os.environ.get(k) for k in _THREAD_VARS}
-        for k in _THREAD_VARS:
-            os.environ.setdefault(k, share)
+        self.start()
         try:
             self._run(todo)
         finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
+            self.stop()
 
     def _run(self, todo: list[Job]) -> None:
         pending = list(todo)

@@ -73,7 +73,9 @@ def build_zoo(folder: Path, models: int, layers: int, dim: int, calibration: boo
         onnx.save(mlp_model(layers, dim, seed=i), str(path))
         rng = np.random.default_rng(1000 + i)
         np.savez(path.with_name(path.stem + ".inputs.npz"), x=rng.standard_normal((4, 32, dim)).astype(np.float32))
-        np.savez(path.with_name(path.stem + ".calibration.npz"), x=rng.standard_normal((8, 32, dim)).astype(np.float32))
+        if calibration:
+            cal = rng.standard_normal((8, 32, dim)).astype(np.float32)
+            np.savez(path.with_name(path.stem + ".calibration.npz"), x=cal)
         total += path.stat().st_size
     return total
 
