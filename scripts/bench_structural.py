@@ -43,6 +43,8 @@ CONFIGS: dict[str, tuple[str, dict[str, str], bool]] = {
     "cluster K=16 per tensor": ("cluster", {"cluster_k": "16", "cluster_method": "kmeans"}, False),
     "cluster K=16 per channel": ("cluster", {"cluster_k": "16", "cluster_per_channel": "true"}, False),
     "cluster K=16 per channel + GPTQ": ("cluster", {"cluster_k": "16", "cluster_per_channel": "true"}, True),
+    "cluster K=16 per tensor + GPTQ": ("cluster", {"cluster_k": "16"}, True),
+    "cluster K=16 budget 0.19 + GPTQ": ("cluster", {"cluster_k": "16", "cluster_budget": "0.19"}, True),
 }
 
 
@@ -186,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             if "params_after" in st
             else st.get("method", "")
         )
+        if "budget" in st:
+            extra += f", {len(st['budget']['upgraded'])} tensors at K={st['budget']['high_k']}"
         lat = r.get("latency", {}).get("ratio")
         print(
             f"| {r['name']} | {r['size_ratio']:.3f} | {r['transport']['zlib']:.3f} | "

@@ -140,3 +140,24 @@ def test_deterministic(tmp_path: Path) -> None:
 def test_bad_k(params: dict[str, str], msg: str) -> None:
     with pytest.raises(OnnxCompressError, match=msg):
         cluster_config(Params(params))
+
+
+def test_budget_upgrades_tensors_to_256_within_the_size(tmp_path: Path) -> None:
+    m = matmul_model(k=128, n=64)
+    src, low, base = _cluster(m, tmp_path, k=4, min_elements=1)
+    assert "budget" not in base.stats
+    before, after = base.stats["bytes_before"], base.stats["bytes_after"]
+    extra = {"W": 128 * 64 // 2 + 252 * 4, "W2": 64 * 10 // 2 + 252 * 4}  # uint8 instead of 4-bit, 252 more centroids
+    x = np.random.default_rng(8).standard_normal((3, 4, 128)).astype(np.float32)
+    ref = run(src, {"x": x})[0]
+    cases = [(extra["W2"], {"W2": 256, "W": 4}, 0.9), (sum(extra.values()), {"W2": 256, "W": 256}, 0.2)]
+    for i, (room, want, gain) in enumerate(cases):
+        (tmp_path / str(i)).mkdir()
+        budget = (after + room + 16) / before
+        _, high, report = _cluster(m, tmp_path / str(i), k=4, min_elements=1, budget=budget)
+        assert {u["tensor"] for u in report.stats["budget"]["upgraded"]} == {t for t, k in want.items() if k == 256}
+        assert report.stats["bytes_after"] <= budget * before
+        assert {la["tensor"]: la["k"] for la in report.stats["layers"]} == want
+        assert np.linalg.norm(run(high, {"x": x})[0] - ref) < gain * np.linalg.norm(run(low, {"x": x})[0] - ref)
+    with pytest.raises(OnnxCompressError, match="cluster_budget"):
+        cluster_config(Params({"cluster_budget": "1.5"}))

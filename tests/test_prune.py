@@ -181,3 +181,25 @@ def test_minilm_24_reconstruction_improves_fidelity(tmp_path: Path) -> None:
         got = run(out, feeds)[0]
         worst[name] = float(np.min(np.sum(got * ref, 1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)))
     assert worst["sparsegpt"] > worst["plain"]
+
+
+def test_hessians_leave_padding_out_and_weigh_samples_equally(tmp_path: Path) -> None:
+    m = matmul_model(m=6, k=16, n=8)
+    m.graph.input.append(onnx.helper.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["batch", 6]))
+    path = save(m, tmp_path / "in.onnx")
+    model = oc.load(path)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 6, 16)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], np.int64)
+    feed = {"x": x, "attention_mask": mask}
+    key = ("x", False)
+    h = L.collect_hessians(model, [key], {key: 16}, [feed], sample_weighting=False)[key]
+    keep = x[mask > 0].astype(np.float64)
+    np.testing.assert_allclose(h, keep.T @ keep, rtol=1e-5, atol=1e-4)
+    hw = L.collect_hessians(model, [key], {key: 16}, [feed])[key]
+    want = sum(6 / mask[b].sum() * x[b, mask[b] > 0].T.astype(np.float64) @ x[b, mask[b] > 0] for b in range(3))
+    np.testing.assert_allclose(hw, want, rtol=1e-5, atol=1e-4)
+    plain = L.collect_hessians(model, [key], {key: 16}, [feed], mask_padding=False)[key]
+    full = x.reshape(-1, 16).astype(np.float64)
+    np.testing.assert_allclose(plain, full.T @ full, rtol=1e-5, atol=1e-4)
+    assert L.token_mask({"x": x}) is None

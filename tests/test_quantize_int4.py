@@ -18,8 +18,18 @@ import onnxcompress as oc
 from onnxcompress.cli import main
 from onnxcompress.errors import OnnxCompressError
 from onnxcompress.passes.base import Params, PassContext
-from onnxcompress.passes.quantize.gptq import gptq, output_error, quantize_rtn
-from onnxcompress.passes.quantize.int4 import Int4Config, Int4Pass, int4_config, pack_halves, pack_pairs
+from onnxcompress.passes.quantize.gptq import gptq, output_error, quantize_int8, quantize_rtn, stored_bytes
+from onnxcompress.passes.quantize.int4 import (
+    BUDGET_MARGIN,
+    DEFAULT_BUDGET,
+    DEFAULT_DAMP,
+    NODE_BYTES,
+    Int4Config,
+    Int4Pass,
+    int4_config,
+    pack_halves,
+    pack_pairs,
+)
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 MINILM = MODELS / "cache" / "minilm"
@@ -348,3 +358,145 @@ def test_batched_matmul_weight(tmp_path: Path) -> None:
     rows = quantize_rtn(w.transpose(0, 2, 1).reshape(-1, 40), 32).dequantize()
     expected = x @ rows.reshape(3, 16, 40).transpose(0, 2, 1)
     np.testing.assert_allclose(run(out, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+
+
+# -- 8-bit blocks inside the int4 mode (mixed precision within a size budget) ----------------------------
+
+
+def test_int8_blocks_bound_and_sizes() -> None:
+    rng = np.random.default_rng(10)
+    w = (rng.standard_normal((12, 200)) * rng.uniform(0.01, 2, (12, 1))).astype(np.float32)
+    q = quantize_int8(w, 128)  # K padded to 256
+    assert q.bits == 8 and q.codes.shape == (12, 256) and q.codes.min() >= 1
+    assert np.all(q.codes[:, 200:] == 128) and np.all(q.zero_points == 128)
+    step = np.repeat(q.scales, 128, axis=1)[:, :200]
+    assert np.all(np.abs(w - q.dequantize()) <= step * 0.5 + 1e-7)
+    assert np.abs(w - q.dequantize()).max() < np.abs(w - quantize_rtn(w, 32).dequantize()).max() / 4
+    assert stored_bytes(12, 200, 128, 8) == 12 * 256 + 2 * 12 * 2
+    assert stored_bytes(12, 200, 32, 4, symmetric=False, scale_bytes=4) == 12 * 224 // 2 + 5 * 7 * 12
+
+
+def _two_layer(k: int = 128, n: int = 64) -> onnx.ModelProto:
+    """``z = x W_a + 0.001 (x W_b)``: W_a is far more sensitive than W_b (same size)."""
+    rng = np.random.default_rng(11)
+    wa, wb = (rng.standard_normal((2, k, n)) * 0.1).astype(np.float32)
+    g = h.make_graph(
+        [
+            h.make_node("MatMul", ["x", "Wa"], ["ya"], name="mm_a"),
+            h.make_node("MatMul", ["x", "Wb"], ["yb"], name="mm_b"),
+            h.make_node("Mul", ["yb", "tiny"], ["yb_small"], name="scale"),
+            h.make_node("Add", ["ya", "yb_small"], ["z"], name="add"),
+        ],
+        "two",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", k])],
+        [h.make_tensor_value_info("z", T.FLOAT, ["N", n])],
+        [nh.from_array(wa, "Wa"), nh.from_array(wb, "Wb"), nh.from_array(np.array(0.001, np.float32), "tiny")],
+    )
+    return _model(g)
+
+
+@pytest.mark.parametrize("target", ["standard", "onnxruntime"])
+def test_budget_gives_8_bits_to_the_sensitive_weight(tmp_path: Path, target: str) -> None:
+    k, n = 128, 64
+    proto = _two_layer(k, n)
+    src = save(proto, tmp_path / "two.onnx")
+    calib = [{"x": _correlated(400, k, 12)}]
+    held_out = {"x": _correlated(200, k, 12, rows_seed=3)}
+    bytes_before = sum(v.nbytes for v in _weights(proto).values())
+    scale = 4 if target == "onnxruntime" else 2
+    int4 = stored_bytes(n, k, 32, 4, scale_bytes=scale)
+    one_upgrade = stored_bytes(n, k, 128, 8, scale_bytes=scale) - int4
+    projected = bytes_before - 2 * (4 * k * n - int4) + 2 * NODE_BYTES
+    budget = (projected + 1.5 * one_upgrade) / bytes_before / (1 - BUDGET_MARGIN)  # room for one 8-bit weight
+    ctx = PassContext(calibration=calib, target=target)
+    out, report = _quantize(src, tmp_path / "q.onnx", ctx, budget=budget)
+    plain, plain_report = _quantize(src, tmp_path / "p.onnx", ctx)
+    st = report.stats
+    assert [t["tensor"] for t in st["int8_tensors"]] == ["Wa"] and st["int8_candidates"] == 2
+    schemes = {layer["tensor"]: (layer["scheme"], layer["bits"]) for layer in st["layers"]}
+    assert schemes == {"Wa": ("int8-b128-sym", 8), "Wb": ("int4-gptq-b32-sym", 4)}
+    assert "int8_tensors" not in plain_report.stats  # budget 0 (the Int4Config default): int4 only
+    assert st["bytes_after"] <= budget * st["bytes_before"]
+    # The 8-bit weight is stored as 8-bit codes and computed exactly as quantize_int8 rounds it.
+    wa = _weights(proto)["Wa"]
+    x = held_out["x"]
+    expected_a = x @ quantize_int8(wa.T, 128).dequantize().T
+    ops = _ops(out)
+    if target == "onnxruntime":
+        nbits = [nd for nd in onnx.load(str(out)).graph.node if nd.op_type == "MatMulNBits"]
+        assert sorted(a.i for nd in nbits for a in nd.attribute if a.name == "bits") == [4, 8]
+    else:
+        assert ops["MatMulNBits"] == 0 and st["nonstandard_ops"] == []
+    only_a = save(_two_layer(k, n), tmp_path / "a.onnx")
+    m = oc.load(only_a)
+    Int4Pass(Int4Config(budget=1.0)).run(m, PassContext(calibration=calib, target=target, exclude=("mm_b",)))
+    oc.save(m, tmp_path / "a_q.onnx")
+    got_a = run(tmp_path / "a_q.onnx", held_out)[0] - 0.001 * (x @ _weights(proto)["Wb"])
+    np.testing.assert_allclose(got_a, expected_a, rtol=1e-4, atol=1e-4)
+    (ref,) = run(src, held_out)
+    err = float(np.sum((run(out, held_out)[0] - ref) ** 2))
+    err_plain = float(np.sum((run(plain, held_out)[0] - ref) ** 2))
+    assert err < 0.2 * err_plain
+
+
+def test_budget_params_and_no_room(tmp_path: Path) -> None:
+    cfg = int4_config(Params({}))
+    assert cfg.budget == DEFAULT_BUDGET and cfg.damp == DEFAULT_DAMP
+    assert int4_config(Params({"int4_budget": "0", "int8_block": "64"})).int8_block == 64
+    with pytest.raises(OnnxCompressError, match="int4_budget"):
+        int4_config(Params({"int4_budget": "1.5"}))
+    src = save(_two_layer(), tmp_path / "two.onnx")
+    calib = [{"x": _correlated(300, 128, 12)}]
+    _, report = _quantize(src, tmp_path / "q.onnx", PassContext(calibration=calib), budget=0.1)
+    assert report.stats["int8_room_bytes"] < 0 and "int8_tensors" not in report.stats
+    assert all(layer["bits"] == 4 for layer in report.stats["layers"])
+    _, rtn = _quantize(src, tmp_path / "r.onnx", method="rtn", budget=0.5)  # no calibration: no measurement
+    assert all(layer["bits"] == 4 for layer in rtn.stats["layers"])
+
+
+def test_padding_tokens_are_left_out_of_the_hessians(tmp_path: Path) -> None:
+    k, n = 64, 32
+    w = (np.random.default_rng(13).standard_normal((k, n)) * 0.1).astype(np.float32)
+    g = h.make_graph(
+        [h.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+        "tok",
+        [
+            h.make_tensor_value_info("x", T.FLOAT, ["B", "T", k]),
+            h.make_tensor_value_info("attention_mask", T.INT64, ["B", "T"]),
+        ],
+        [h.make_tensor_value_info("y", T.FLOAT, ["B", "T", n])],
+        [nh.from_array(w, "W")],
+    )
+    src = save(_model(g), tmp_path / "tok.onnx")
+    tokens = _correlated(60, k, 14).reshape(3, 20, k)
+    mask = np.ones((3, 20), np.int64)
+    mask[:, 12:] = 0
+    padded = tokens.copy()
+    padded[:, 12:] = 50.0  # garbage in padded positions
+    trimmed = [{"x": tokens[i : i + 1, :12], "attention_mask": mask[i : i + 1, :12]} for i in range(3)]
+    fitted = {}
+    for label, feeds, masking in [
+        ("masked", [{"x": padded, "attention_mask": mask}], True),
+        ("trimmed", trimmed, True),
+        ("unmasked", [{"x": padded, "attention_mask": mask}], False),
+    ]:
+        _, report = _quantize(src, tmp_path / f"{label}.onnx", PassContext(calibration=feeds), mask_padding=masking)
+        fitted[label] = _initializers(tmp_path / f"{label}.onnx")
+    same = [np.array_equal(fitted["masked"][key], fitted["trimmed"][key]) for key in fitted["masked"]]
+    assert all(same)
+    assert not all(np.array_equal(fitted["masked"][key], fitted["unmasked"][key]) for key in fitted["masked"])
+
+
+def test_sensitivity_feeds_are_trimmed_token_slices() -> None:
+    from onnxcompress.passes.quantize.int4 import _trimmed
+
+    mask = np.zeros((5, 10), np.int64)
+    for i, n in enumerate([3, 10, 2, 7, 4]):
+        mask[i, :n] = 1
+    ids = np.arange(50).reshape(5, 10)
+    parts = list(_trimmed({"input_ids": ids, "attention_mask": mask}, 2))
+    assert [p["input_ids"].shape for p in parts] == [(2, 3), (2, 7), (1, 10)]
+    assert sorted(int(r[0]) for p in parts for r in p["input_ids"]) == [0, 10, 20, 30, 40]
+    assert all(np.array_equal(p["attention_mask"].sum(1) > 0, np.ones(len(p["attention_mask"]), bool)) for p in parts)
+    plain = {"x": np.ones((5, 10), np.float32)}
+    assert list(_trimmed(plain, 2)) == [plain]

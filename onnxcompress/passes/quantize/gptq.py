@@ -59,6 +59,7 @@ class Quantized:
         zero_points: uint8 zero points, shape ``[N, K_pad / block]`` (all 8 when symmetric).
         k: The true ``K`` (columns beyond it are padding).
         block: The block size.
+        bits: 4 (codes in ``[0, 15]``) or 8 (codes in ``[1, 255]``, zero point 128: see :func:`quantize_int8`).
     """
 
     codes: np.ndarray
@@ -66,6 +67,7 @@ class Quantized:
     zero_points: np.ndarray
     k: int
     block: int
+    bits: int = 4
 
     def dequantize(self) -> np.ndarray:
         """``W' [N, K]`` (float32), padding dropped."""
@@ -175,6 +177,31 @@ def quantize_rtn(w: np.ndarray, block: int, symmetric: bool = True, clip_search:
         scales[r0 : r0 + ROW_CHUNK] = s
         zeros[r0 : r0 + ROW_CHUNK] = z
     return Quantized(codes, scales, zeros, k, block)
+
+
+def quantize_int8(w: np.ndarray, block: int) -> Quantized:
+    """Symmetric 8-bit blocks of ``w [N, K]``: ``u = clip(round(w / s), -127, 127) + 128``, ``s = max|w| / 127``
+    per block (float16-representable), zero point 128 (the default of ``MatMulNBits`` with ``bits=8``)."""
+    n, k = w.shape
+    wp = pad_columns(np.asarray(w, dtype=np.float32), block)
+    nb = wp.shape[1] // block
+    codes = np.empty((n, nb * block), dtype=np.uint8)
+    scales = np.empty((n, nb), dtype=np.float32)
+    for r0 in range(0, n, ROW_CHUNK):
+        wb = wp[r0 : r0 + ROW_CHUNK].reshape(-1, nb, block)
+        s = round_scales(np.abs(wb).max(axis=-1) / np.float32(127.0))
+        u = np.clip(np.rint(wb / s[..., None]), -127, 127) + 128
+        codes[r0 : r0 + ROW_CHUNK] = u.reshape(-1, nb * block)
+        scales[r0 : r0 + ROW_CHUNK] = s
+    return Quantized(codes, scales, np.full((n, nb), 128, dtype=np.uint8), k, block, bits=8)
+
+
+def stored_bytes(n: int, k: int, block: int, bits: int, symmetric: bool = True, scale_bytes: int = 2) -> int:
+    """Bytes of codes (packed), scales (float16: 2 bytes) and (asymmetric 4-bit) zero points of an ``[N, K]`` weight."""
+    kp = k + (-k) % block
+    nb = kp // block
+    codes = n * kp * bits // 8
+    return codes + scale_bytes * n * nb + (0 if symmetric or bits == 8 else n * nb)
 
 
 @dataclasses.dataclass

@@ -423,10 +423,49 @@ def set_value(t: gs.Tensor, value: np.ndarray) -> None:
     t.inputs[0].attrs["value"] = gs.Constant(t.inputs[0].attrs["value"].name or t.name, value)
 
 
+def token_mask(feed: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The padding mask of a token model's feed: the first 2-D integer/bool input named ``*mask*``, as bool."""
+    for name, value in feed.items():
+        a = np.asarray(value)
+        if "mask" in name.lower() and a.ndim == 2 and (a.dtype == bool or np.issubdtype(a.dtype, np.integer)):
+            m = a != 0
+            return m if m.any() else None
+    return None
+
+
+def token_rows(a: np.ndarray, mask: np.ndarray | None, weighting: bool) -> np.ndarray:
+    """Activation ``a [B, T, ..., K]`` with the padded tokens (``mask [B, T]`` False) dropped.
+
+    ``weighting``: each sample's tokens are scaled by ``sqrt(T / tokens)`` so that every sample
+    weighs the same in ``X^T X`` whatever its length (as in a mean-pooled output). Activations whose
+    leading axes are not ``[B, T]`` are returned as they are.
+    """
+    if mask is None or a.ndim < 3 or a.shape[:2] != mask.shape:
+        return a
+    x = a[mask]
+    if weighting:
+        counts = mask.sum(axis=1, keepdims=True)
+        root = np.sqrt(np.float32(mask.shape[1]) / np.maximum(counts, 1), dtype=np.float32)
+        scale = np.broadcast_to(root, mask.shape)[mask]
+        x = x * scale.reshape((-1,) + (1,) * (x.ndim - 1))
+    return x
+
+
 def collect_hessians(
-    model: Model, keys: list[tuple[str, bool]], widths: dict[tuple[str, bool], int], feeds: list, rows: int = 8
+    model: Model,
+    keys: list[tuple[str, bool]],
+    widths: dict[tuple[str, bool], int],
+    feeds: list,
+    rows: int = 8,
+    *,
+    mask_padding: bool = True,
+    sample_weighting: bool = True,
 ) -> dict[tuple[str, bool], np.ndarray]:
     """``{(activation, channels_first): sum X^T X}`` over the calibration feeds (float64), one tap.
+
+    Token models (a feed with a 2-D integer input named ``*mask*`` matching an activation's leading
+    ``[batch, tokens]`` axes): ``mask_padding`` leaves padded tokens out, ``sample_weighting`` makes
+    every sample weigh the same (see :func:`token_rows`).
 
     Raises:
         OnnxCompressError: when onnxruntime cannot run the model on a feed.
@@ -440,11 +479,14 @@ def collect_hessians(
         for feed in feeds:
             for part in split_feed(feed, split):
                 values = tap.run(part)
+                mask = token_mask(part) if mask_padding else None
                 for key in keys:
                     name, first = key
                     a = np.asarray(values[name])
                     if first and a.ndim >= 2:
                         a = np.moveaxis(a, 1, -1)
+                    elif a.dtype == np.float32:
+                        a = token_rows(a, mask, sample_weighting)
                     acc: dict[str, np.ndarray] = {}
                     if key in sums:
                         acc["k"] = sums[key]
@@ -489,6 +531,7 @@ def gptq_codebook(
     u = inverse_cholesky_upper(hd)
     cb = np.broadcast_to(np.asarray(codebook, dtype=np.float64), (rows, codebook.shape[1]))
     mid = (cb[:, 1:] + cb[:, :-1]) * 0.5
+    shared = codebook.shape[0] == 1  # one codebook: a binary search per value
     ar = np.arange(rows)
     out = np.zeros((rows, k), dtype=np.int64)
     for i1 in range(0, k, block):
@@ -498,7 +541,7 @@ def gptq_codebook(
         err = np.zeros_like(w1)
         for j in range(i2 - i1):
             col = w1[:, j]
-            idx = (mid < col[:, None]).sum(axis=1)
+            idx = np.searchsorted(mid[0], col, side="left") if shared else (mid < col[:, None]).sum(axis=1)
             q = cb[ar, idx]
             e = (col - q) / u1[j, j]
             out[:, i1 + j] = idx
