@@ -57,7 +57,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ from . import io
 from .errors import OnnxCompressError
 from .graph import Model, constant_meta, constant_value
 from .passes.base import GraphSize, Params, PassContext, PassReport, is_excluded
-from .passes.calibrate import ActivationTap, tappable
+from .passes.calibrate import ActivationTap, has_batch_axis, split_feed, tappable
 from .passes.quantize._common import refuse_quantized
 from .passes.quantize._math import quantize_symmetric, symmetric_scales
 from .passes.quantize.float16 import FloatConfig, FloatPass
@@ -406,38 +406,16 @@ def _int4_value(q: Quantized, red: int) -> tuple[np.ndarray, int]:
     return w.astype(np.float32), int(q.codes.size // 2 + q.scales.size * scale_bytes)
 
 
-def _has_batch_axis(model: Model) -> bool:
-    inputs = list(model.graph.inputs)
-    if not inputs:
-        return False
-    for t in inputs:
-        shape = getattr(t, "shape", None)
-        if not shape or isinstance(shape[0], int) and shape[0] > 0:
-            return False
-    return True
-
-
-def _split(feed: dict[str, np.ndarray], rows: int) -> Iterator[dict[str, np.ndarray]]:
-    """As the int4 pass slices calibration feeds (so the Hessians are bit for bit the same)."""
-    arrays = list(feed.values())
-    n = arrays[0].shape[0] if arrays and arrays[0].ndim else 0
-    if rows <= 0 or n <= rows or any(a.ndim == 0 or a.shape[0] != n for a in arrays):
-        yield feed
-        return
-    for r0 in range(0, n, rows):
-        yield {k: v[r0 : r0 + rows] for k, v in feed.items()}
-
-
 def _hessians(
     model: Model, acts: list[tuple[str, bool]], feeds: list[dict[str, np.ndarray]], rows: int
 ) -> dict[tuple[str, bool], np.ndarray]:
     """``{(activation, transposed): sum X^T X}`` (float32), computed like the int4 pass does."""
     names = list(dict.fromkeys(n for n, _ in acts))
     sums: dict[tuple[str, bool], np.ndarray] = {}
-    batch_axis = _has_batch_axis(model)
+    batch_axis = has_batch_axis(model)
     with ActivationTap(model, names) as tap:
         for feed in feeds:
-            for part in _split(feed, rows if batch_axis else 0):
+            for part in split_feed(feed, rows if batch_axis else 0):
                 values = tap.run(part)
                 for name, trans in acts:
                     a = np.asarray(values[name])
@@ -695,7 +673,7 @@ class Tuner:
         for feed in self.feeds:
             arrays = list(feed.values())
             n = arrays[0].shape[0] if arrays and arrays[0].ndim else 0
-            splittable = n > 0 and all(a.ndim and a.shape[0] == n for a in arrays) and _has_batch_axis(self.model)
+            splittable = n > 0 and all(a.ndim and a.shape[0] == n for a in arrays) and has_batch_axis(self.model)
             if not splittable:
                 out.append(feed)
                 budget -= 1

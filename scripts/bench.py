@@ -322,7 +322,10 @@ def select_tools(args: argparse.Namespace, anchor_env: dict[str, Any] | None, no
     """The onnxcompress techniques (from the registry) and the available anchors."""
     from onnxcompress.recipes import PASSES
 
-    names = args.technique or list(PASSES)
+    # The structural passes and tune have their own suites (``bench.py structural|prune-channels|tune``):
+    # the default quantization comparison runs them only when named with --technique.
+    own_suite = {"prune", "prune-channels", "lowrank", "cluster", "tune"}
+    names = args.technique or [n for n in PASSES if n not in own_suite]
     names = [n for n in names if n not in VARIANTS] + [VARIANTS[n][0] for n in names if n in VARIANTS]
     names = list(dict.fromkeys(names))
     unknown = [n for n in names if n not in PASSES]

@@ -103,3 +103,27 @@ def require_calibration(feeds: list[dict[str, np.ndarray]] | None, technique: st
             "of them) or put <model>.calibration.npz beside the model"
         )
     return feeds
+
+
+def has_batch_axis(model: Model) -> bool:
+    """Whether every graph input has a dynamic leading dimension (a batch axis the feeds can be split on)."""
+    inputs = list(model.graph.inputs)
+    if not inputs:
+        return False
+    for t in inputs:
+        shape = getattr(t, "shape", None)
+        if not shape or isinstance(shape[0], int) and shape[0] > 0:
+            return False
+    return True
+
+
+def split_feed(feed: dict[str, np.ndarray], rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """``feed`` cut into slices of ``rows`` samples along axis 0 when all inputs share that axis' size
+    (one slice, the feed itself, otherwise or when ``rows <= 0``)."""
+    arrays = list(feed.values())
+    n = arrays[0].shape[0] if arrays and arrays[0].ndim else 0
+    if rows <= 0 or n <= rows or any(a.ndim == 0 or a.shape[0] != n for a in arrays):
+        yield feed
+        return
+    for r0 in range(0, n, rows):
+        yield {k: v[r0 : r0 + rows] for k, v in feed.items()}

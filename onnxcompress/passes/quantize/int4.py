@@ -79,7 +79,7 @@ from ...graph import GraphTree, Model, all_tensor_names, constant_meta, constant
 from ...io import export_model, stage
 from ...validate import make_session
 from ..base import GraphSize, Params, PassContext, PassReport, is_excluded
-from ..calibrate import ActivationTap, require_calibration, tappable
+from ..calibrate import ActivationTap, has_batch_axis, require_calibration, split_feed, tappable
 from ._common import refuse_quantized
 from .gptq import PreparedHessian, Quantized, gptq, prepare_hessian, quantize_int8, quantize_rtn, stored_bytes
 
@@ -573,10 +573,10 @@ class Int4Pass:
         wanted = list(dict.fromkeys(a for _, acts in group for a in acts))
         names = list(dict.fromkeys(n for n, _ in wanted))
         sums: dict[tuple[str, bool], np.ndarray] = {}
-        batch_axis = _has_batch_axis(model)
+        batch_axis = has_batch_axis(model)
         with ActivationTap(model, names) as tap:
             for feed in feeds:
-                for part in _split(feed, self.config.calibration_rows if batch_axis else 0):
+                for part in split_feed(feed, self.config.calibration_rows if batch_axis else 0):
                     values = tap.run(part)
                     mask = _token_mask(part) if self.config.mask_padding else None
                     for name, trans in wanted:
@@ -672,29 +672,6 @@ def _groups(
         used += extra
     if group:
         yield group
-
-
-def _has_batch_axis(model: Model) -> bool:
-    """Whether every graph input has a dynamic leading dimension (a batch axis the feeds can be split on)."""
-    inputs = list(model.graph.inputs)
-    if not inputs:
-        return False
-    for t in inputs:
-        shape = getattr(t, "shape", None)
-        if not shape or isinstance(shape[0], int) and shape[0] > 0:
-            return False
-    return True
-
-
-def _split(feed: dict[str, np.ndarray], rows: int) -> Iterator[dict[str, np.ndarray]]:
-    """``feed`` cut into slices of ``rows`` samples along axis 0 when all inputs share that axis' size."""
-    arrays = list(feed.values())
-    n = arrays[0].shape[0] if arrays and arrays[0].ndim else 0
-    if rows <= 0 or n <= rows or any(a.ndim == 0 or a.shape[0] != n for a in arrays):
-        yield feed
-        return
-    for r0 in range(0, n, rows):
-        yield {k: v[r0 : r0 + rows] for k, v in feed.items()}
 
 
 def _trimmed(feed: dict[str, np.ndarray], rows: int) -> Iterator[dict[str, np.ndarray]]:
