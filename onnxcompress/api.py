@@ -197,6 +197,7 @@ def compress(
     write_compressed: tuple[str, ...] | list[str] = (),
     pack: bool = False,
     transport_size: bool = True,
+    base: str | os.PathLike[str] | None = None,
 ) -> CompressionReport:
     """Compress a model file and validate the result against the original.
 
@@ -229,6 +230,9 @@ def compress(
             ``onnxcompress unpack`` restores the output bit for bit).
         transport_size: Report ``output.transport_bytes``, the size of that package (computed
             without writing it unless ``pack``; a full coding pass: about 1.5 s of CPU for 90 MB).
+        base: The previous release's compressed model: ``int8-weights`` reuses its scales and keeps
+            its int8 symbols where the new weights round to them within tolerance, so the patch
+            between the releases (``onnxcompress diff``) is small (see ``passes/quantize/rebase.py``).
 
     Returns:
         The report. If validation fails and not ``force``, raises :class:`ValidationFailed` carrying it.
@@ -249,6 +253,8 @@ def compress(
         techniques.insert(0, "fold")
     tols = [Tolerance.parse(t) for t in (tolerances or default_tolerances(techniques))]
     passes = build_passes(techniques, Params(params))
+    if base is not None:
+        _use_base(passes, Path(base), in_path, out_path)
     note = progress or (lambda _message: None)
     note(f"loading {in_path.name}")
     model = io.load(in_path, max_memory=max_memory)
@@ -372,6 +378,27 @@ def compress(
         what = "written anyway (--force)" if write else "not written"
         raise ValidationFailed(f"validation failed ({report_v.failures[0]}); {out_path} {what}", report)
     return report
+
+
+def _use_base(passes: list[Any], base: Path, in_path: Path, out_path: Path) -> None:
+    """Give ``base`` to the int8 weight passes (``compress --base``).
+
+    Raises:
+        OnnxCompressError: no such file, the base is the input or the output, or no pass can use it.
+    """
+    from .passes.quantize import Int8WeightsPass
+
+    if not base.is_file():
+        raise OnnxCompressError(f"--base {base}: no such file (the previous release's compressed model)")
+    if base.resolve() in (in_path.resolve(), out_path.resolve()):
+        raise OnnxCompressError(
+            f"--base {base}: must be the previous release's compressed model, not the input or output"
+        )
+    users = [p for p in passes if isinstance(p, Int8WeightsPass)]
+    if not users:
+        raise OnnxCompressError("--base needs -q int8-weights (or int8-weights-qdq): only they reuse a base's symbols")
+    for p in users:
+        p.config = dataclasses.replace(p.config, base=str(base))
 
 
 def _model_size(model: Model) -> int:

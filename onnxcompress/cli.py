@@ -439,6 +439,14 @@ def compress(
             help="Report output.transport_bytes, the packed size (a coding pass: ~1.5 s of CPU per 90 MB).",
         ),
     ] = True,
+    base: Annotated[
+        Path | None,
+        typer.Option(
+            "--base",
+            help="The previous release's compressed model (with -q int8-weights): reuse its scales and keep its "
+            "int8 symbols where the new weights round to them, so `onnxcompress diff OLD NEW` patches are small.",
+        ),
+    ] = None,
 ) -> None:
     """Compress MODEL into OUTPUT, validate it against MODEL, and write it only if it passes."""
     if split_dir is not None and split_max_part_size is None:
@@ -465,6 +473,7 @@ def compress(
         "write_compressed": list(write_compressed or []),
         "pack": pack,
         "transport_size": transport_size,
+        "base": base,
     }
     structural, structural_params = recipe_mod.structural_options(
         prune=prune, prune_mode=prune_mode, lowrank=lowrank, cluster=cluster
@@ -544,6 +553,7 @@ def compress(
                     write_compressed=list(write_compressed or []),
                     pack=pack,
                     transport_size=transport_size,
+                    base=base,
                 )
     except ValidationFailed as exc:
         failed, r = exc, exc.report

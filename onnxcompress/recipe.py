@@ -69,6 +69,7 @@ _TOP_KEYS = (
     "write_compressed",
     "pack",
     "transport_size",
+    "base",
     "params",
     "pass",
     "validate",
@@ -124,6 +125,7 @@ class Recipe:
     write_compressed: tuple[str, ...] = ()
     pack: bool = False
     transport_size: bool = True
+    base: str | None = None
 
     @property
     def techniques(self) -> list[str]:
@@ -174,6 +176,7 @@ class Recipe:
             "write_compressed": self.write_compressed,
             "pack": self.pack,
             "transport_size": self.transport_size,
+            "base": self.base,
         }
 
 
@@ -371,6 +374,7 @@ class _Reader:
             write_compressed=self._formats(data.get("write_compressed", []), ("write_compressed",)),
             pack=self._bool(data.get("pack", False), ("pack",)),
             transport_size=self._bool(data.get("transport_size", True), ("transport_size",)),
+            base=self._path(data["base"], ("base",)) if "base" in data else None,
         )
         check_recipe(recipe, self.error)
         return recipe
@@ -614,6 +618,7 @@ def recipe_from_options(
     write_compressed: list[str] | tuple[str, ...] = (),
     pack: bool = False,
     transport_size: bool = True,
+    base: str | os.PathLike[str] | None = None,
 ) -> Recipe:
     """The recipe equivalent to a ``compress`` flag combination (same passes, in the same order).
 
@@ -656,6 +661,7 @@ def recipe_from_options(
         write_compressed=_formats(write_compressed),
         pack=pack,
         transport_size=transport_size,
+        base=_abs(base),
     )
     check_recipe(recipe, lambda path, msg: OnnxCompressError(f"--param {_key_path(path[-1:])}: {msg}"))
     return recipe
@@ -678,6 +684,7 @@ def override(
     write_compressed: list[str] | tuple[str, ...] = (),
     pack: bool = False,
     transport_size: bool = True,
+    base: str | os.PathLike[str] | None = None,
 ) -> Recipe:
     """``recipe`` with the data and validation options a user gave beside ``--recipe`` replacing its own."""
     if target is not None and target not in TARGETS:
@@ -706,6 +713,7 @@ def override(
         write_compressed=_formats(write_compressed) if write_compressed else recipe.write_compressed,
         pack=pack or recipe.pack,
         transport_size=transport_size and recipe.transport_size,
+        base=_abs(base) if base is not None else recipe.base,
     )
 
 
@@ -748,6 +756,8 @@ def to_toml(recipe: Recipe) -> str:
         lines.append("pack = true")
     if not recipe.transport_size:
         lines.append("transport_size = false")
+    if recipe.base is not None:
+        lines.append(f"base = {_toml_str(recipe.base)}")
     if recipe.params:
         lines += ["", "[params]"]
         lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in recipe.params]

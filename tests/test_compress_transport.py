@@ -57,3 +57,39 @@ def test_batch_reports_transport_bytes(tmp_path: Path) -> None:
     assert r.status == B.OK and r.transport_bytes == packed_size(tmp_path / "out" / "digits_cnn.onnx")
     rows = list(csv.DictReader((tmp_path / "out" / B.REPORT_CSV).open()))
     assert int(rows[0]["transport_bytes"]) == r.transport_bytes
+
+
+def test_compress_base_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """compress v2 --base v1-compressed: symbols reused (stats.base), a smaller patch than without, a
+    recipe round trip; --base without int8-weights or with a missing file is refused (exit 2)."""
+    import numpy as np
+    from _models import matmul_model, save
+    from onnx import numpy_helper as nh
+
+    from onnxcompress.transport import diff
+
+    v1 = matmul_model(k=256, n=128, seed=3)
+    v2 = matmul_model(k=256, n=128, seed=3)
+    rng = np.random.default_rng(0)
+    for t in v2.graph.initializer:
+        a = nh.to_array(t)
+        t.CopyFrom(nh.from_array((a + 0.001 * rng.standard_normal(a.shape) * np.abs(a).mean()).astype(a.dtype), t.name))
+    p1, p2 = save(v1, tmp_path / "v1.onnx"), save(v2, tmp_path / "v2.onnx")
+    q = ["-q", "int8-weights", "--no-transport-size", "-t", "cosine>=0.99"]
+    assert cli.main(["compress", str(p1), "-o", str(tmp_path / "v1c.onnx"), *q]) == 0, capsys.readouterr()
+    assert cli.main(["compress", str(p2), "-o", str(tmp_path / "v2i.onnx"), *q]) == 0, capsys.readouterr()
+    args = ["compress", str(p2), "-o", str(tmp_path / "v2b.onnx"), *q, "--base", str(tmp_path / "v1c.onnx")]
+    assert cli.main([*args, "--report", str(tmp_path / "r.json")]) == 0, capsys.readouterr()
+    stats = [p["stats"] for p in json.loads((tmp_path / "r.json").read_text())["passes"] if p["name"] == "int8-weights"]
+    assert stats[0]["base"]["tensors_rebased"] >= 1
+    with_base = diff(tmp_path / "v1c.onnx", tmp_path / "v2b.onnx", tmp_path / "b.ocpd")["package_bytes"]
+    without = diff(tmp_path / "v1c.onnx", tmp_path / "v2i.onnx", tmp_path / "i.ocpd")["package_bytes"]
+    assert with_base < without
+    capsys.readouterr()
+    assert cli.main([*args, "--print-recipe"]) == 0
+    assert R.parse_recipe(capsys.readouterr().out).base == str((tmp_path / "v1c.onnx").resolve())
+    bad = ["compress", str(p2), "-o", str(tmp_path / "x.onnx")]
+    assert cli.main([*bad, "-q", "fp16", "--base", str(tmp_path / "v1c.onnx")]) == 2
+    assert "--base needs -q int8-weights" in capsys.readouterr().err
+    assert cli.main([*bad, "-q", "int8-weights", "--base", str(tmp_path / "nope.onnx")]) == 2
+    assert "no such file" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()

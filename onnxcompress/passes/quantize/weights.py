@@ -36,6 +36,12 @@ same values as gathering from ``W'``, without materialising the float table.
 
 Biases, float16/float64 weights, non-finite weights and tensors with fewer than ``min_elements``
 values stay float, each skip recorded with its reason.
+
+Releases (``base``): given the previously released model compressed by this pass, each weight whose
+int8 counterpart exists there with the same layout reuses its scales where the new weights still fit
+them and keeps its symbols where the new weight rounds to them within ``(1 + base_slack) * s / 2``,
+so the patch between the two releases stays small (rules and rate/distortion reasoning: ``rebase``).
+Without ``base`` the output is unchanged.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from ...graph import (
 from ..base import GraphSize, PassContext, PassReport, is_excluded
 from ._common import refuse_quantized
 from ._math import quantize_symmetric, symmetric_scales
+from .rebase import MIN_FILL, OVERFLOW, SLACK, BaseWeights, requantize
 
 QMAX = 127
 TARGET_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
@@ -76,6 +83,14 @@ class Int8WeightsConfig:
         min_elements: Weights with fewer values stay float.
         op_types: Which consumer ops have their weights quantized.
         exclude: Tensor or node names to leave untouched.
+        base: Path of the previous release of this model, compressed by this pass (``None``: quantize
+            independently). Its scales and symbols are reused where the new weights fit them.
+        base_slack: With ``base``: keep an old symbol while the new weight is within
+            ``(1 + base_slack) * scale / 2`` of it (0 = plain rounding with the old scales).
+        base_min_fill: With ``base``: keep an old scale only while the group's ``max |w|`` is at least
+            ``base_min_fill * 127 * scale`` (a group that shrank more gets a fresh scale).
+        base_overflow: With ``base``: keep an old scale while the group's ``max |w|`` is at most
+            ``(127.5 + base_overflow) * scale``, clipping the few values beyond ``127 * scale``.
     """
 
     granularity: str = "channel"
@@ -84,6 +99,10 @@ class Int8WeightsConfig:
     min_elements: int = 256
     op_types: tuple[str, ...] = TARGET_OPS
     exclude: tuple[str, ...] = ()
+    base: str | None = None
+    base_slack: float = SLACK
+    base_min_fill: float = MIN_FILL
+    base_overflow: float = OVERFLOW
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -92,6 +111,12 @@ class Int8WeightsConfig:
             raise ValueError(f"form must be one of {FORMS}")
         if self.block_size < 2:
             raise ValueError("block_size must be >= 2")
+        if not 0.0 <= self.base_slack <= 1.0:
+            raise ValueError("base_slack must be in [0, 1]")
+        if not 0.0 <= self.base_min_fill <= 1.0:
+            raise ValueError("base_min_fill must be in [0, 1]")
+        if not 0.0 <= self.base_overflow <= 8.0:
+            raise ValueError("base_overflow must be in [0, 8]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +165,8 @@ class Int8WeightsPass:
         cfg = self.config
         report = PassReport(self.name)
         before = GraphSize.of(model)
+        base = BaseWeights(cfg.base) if cfg.base is not None else None
+        base_counts: dict[str, int] = {}
         weights = self._collect(model, report, ctx.exclude)
         tree = GraphTree(model.graph) if weights else None
         names = all_tensor_names(model.graph) if weights else set()
@@ -156,7 +183,7 @@ class Int8WeightsPass:
                 report.skipped.append((t.name, "weight has non-finite values"))
                 continue
             assert tree is not None
-            new_name, form = self._replace(t, w, slots, tree, names, model.opset)
+            new_name, form = self._replace(t, w, slots, tree, names, model.opset, base, base_counts)
             forms[form] = forms.get(form, 0) + 1
             report.tensor_map[new_name] = t.name
             changed += 1
@@ -165,6 +192,8 @@ class Int8WeightsPass:
             model.graph.cleanup(remove_unused_graph_inputs=False)
         report.modified = changed > 0
         report.stats = before.stats(model, changed > 0, tensors_changed=changed, forms=forms)
+        if base is not None:
+            report.stats["base"] = {"path": str(base.path), **base_counts}
         return report
 
     def _collect(
@@ -240,6 +269,8 @@ class Int8WeightsPass:
         tree: GraphTree,
         names: set[str],
         opset: int,
+        base_weights: BaseWeights | None = None,
+        base_counts: dict[str, int] | None = None,
     ) -> tuple[str, str]:
         """Insert the int8 weight and its dequantization; rewire every consumer.
 
@@ -266,10 +297,14 @@ class Int8WeightsPass:
                 scale = half  # block scales in float16: half the overhead, 0.05% scale error
             q = np.clip(np.rint(wb / scale.astype(np.float32)), -QMAX, QMAX).astype(np.int8)
         else:
+            wb = w
             scale = symmetric_scales(w, axis, QMAX)
             q = quantize_symmetric(w, scale, axis, QMAX, np.int8)
             if axis is not None:
                 scale = scale.reshape([-1 if i == axis else 1 for i in range(w.ndim)])
+        if base_weights is not None:
+            counts = base_counts if base_counts is not None else {}
+            q, scale = self._rebase(t.name, wb, q, scale, base_weights, counts)
         q_const = gs.Constant(fresh_name(names, f"{base}_quantized"), q)
         if (
             granularity == "channel"
@@ -350,6 +385,35 @@ class Int8WeightsPass:
                     consumer.inputs[i] = out
         owner.nodes.extend(nodes)
         return out.name, form
+
+    def _rebase(
+        self, name: str, wb: np.ndarray, q: np.ndarray, scale: np.ndarray, base: BaseWeights, counts: dict[str, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Requantize one weight against its counterpart in the base release (unchanged when it has none
+        or its layout differs); counts what was kept."""
+        old = base.lookup(name)
+        res = (
+            None
+            if old is None
+            else requantize(
+                wb,
+                scale,
+                old,
+                QMAX,
+                slack=self.config.base_slack,
+                min_fill=self.config.base_min_fill,
+                overflow=self.config.base_overflow,
+            )
+        )
+        if res is None:
+            key = "tensors_not_in_base" if old is None else "tensors_layout_changed"
+            counts[key] = counts.get(key, 0) + 1
+            return q, scale
+        q_new, s_new, kept = res
+        counts["tensors_rebased"] = counts.get("tensors_rebased", 0) + 1
+        for k, v in kept.items():
+            counts[k] = counts.get(k, 0) + v
+        return q_new, s_new
 
     @staticmethod
     def _gather_then_dequantize(
