@@ -60,7 +60,8 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--objective",
                 help="size: fewest bytes. latency: the same forms (dequantized at load, float32 speed), and the "
-                "result is timed against the original; a slower result is reported as such.",
+                "result is timed against the original; a slower result is reported as such. transport: fewest "
+                "packed bytes (onnxcompress pack): a ladder of entropy-coded bit widths q3..q8 per layer.",
             ),
         ] = "size",
         budget_seconds: Annotated[
@@ -89,8 +90,23 @@ def register(app: typer.Typer) -> None:
         ] = 0.8,
         precisions: Annotated[
             str,
-            typer.Option("--precisions", help="Precisions layers may take, comma-separated (fp32 always)."),
-        ] = "int4,int8,fp16,fp32",
+            typer.Option(
+                "--precisions",
+                help="Precisions layers may take, comma-separated (fp32 always). Default: int4,int8,fp16,fp32; "
+                "with --objective transport q3,q3.5,...,q8,fp16,fp32.",
+            ),
+        ] = "",
+        ecr_lambda: Annotated[
+            float,
+            typer.Option(
+                "--ecr-lambda",
+                help="transport: entropy-constrained rounding multiplier in step^2 per bit (0: round to nearest).",
+            ),
+        ] = 0.0,
+        pack: Annotated[
+            bool,
+            typer.Option("--pack", help="Also write the transport package OUTPUT.ocpk beside the output."),
+        ] = False,
         target: Annotated[
             str,
             typer.Option("--target", help="standard (standard ONNX ops only) or onnxruntime (MatMulNBits, ...)."),
@@ -119,7 +135,9 @@ def register(app: typer.Typer) -> None:
             seed=seed,
             margin=margin,
             budget_seconds=budget_seconds,
-            precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
+            precisions=tuple(p.strip() for p in precisions.split(",") if p.strip())
+            or (tune_mod.TRANSPORT_PRECISIONS if objective == "transport" else tune_mod.PRECISIONS),
+            ecr_lambda=ecr_lambda,
         )
         mem = cli.parse_size(max_memory) if max_memory else None
         m = api.load(model, max_memory=mem)
@@ -169,6 +187,13 @@ def register(app: typer.Typer) -> None:
             failed, r = exc, exc.report
         if r is None:
             raise failed  # type: ignore[misc]
+        if pack and r.written:
+            from . import transport
+
+            stats = transport.pack(output, output.with_suffix(".ocpk"), force=force)
+            r.output["package"] = str(output.with_suffix(".ocpk"))
+            r.output["transport_bytes"] = int(stats["package_bytes"])
+            r.output["transport_ratio"] = round(int(stats["package_bytes"]) / r.input["size_bytes"], 6)
         data = r.to_dict()
         if report:
             write_json(data, report)
@@ -208,6 +233,11 @@ def register(app: typer.Typer) -> None:
                 f"size: {r.input['size_bytes']:,} -> {r.output['size_bytes']:,} bytes (ratio {r.size_ratio:.3f}); "
                 f"layers: {counts}; {r.result.evaluations} evaluations in {r.seconds:.1f}s"
             )
+            if r.output.get("transport_bytes") is not None:
+                cli.out.print(
+                    f"package: {r.output['transport_bytes']:,} bytes (ratio {r.output['transport_ratio']:.4f} of the "
+                    "input file)"
+                )
             if r.latency:
                 cli.out.print(f"latency ratio (1 thread): {r.latency['ratio']:.3f}")
             for w in r.warnings:

@@ -28,6 +28,7 @@ from .passes.quantize.dynamic import Int8DynamicPass, int8_dynamic_config
 from .passes.quantize.float16 import FloatPass, float_config
 from .passes.quantize.int4 import Int4Pass, int4_config
 from .passes.quantize.static import Int8StaticPass, int8_static_config
+from .passes.quantize.weights import int8_weights_config
 from .passes.structural import ClusterPass, LowRankPass, PrunePass, cluster_config, lowrank_config, prune_config
 from .passes.structural.channels import PruneChannelsPass, channels_config
 from .pipeline import FixedPointPass
@@ -72,7 +73,7 @@ PASSES: dict[str, PassFactory] = {
     "fold": fold_pass,
     # Blocks of 32 along K for MatMul/Gemm, per channel for Conv, per row for embeddings; dequantized
     # once at load (standard Cast/Mul/Reshape that runtimes constant-fold).
-    "int8-weights": lambda params: Int8WeightsPass(Int8WeightsConfig(granularity="block")),
+    "int8-weights": lambda params: Int8WeightsPass(int8_weights_config(params, granularity="block")),
     # Per output channel, DequantizeLinear kept at run time (int8 weights in memory).
     "int8-weights-qdq": lambda params: Int8WeightsPass(Int8WeightsConfig(form="runtime"), name="int8-weights-qdq"),
     "int8-weights-per-tensor": lambda params: Int8WeightsPass(

@@ -500,3 +500,134 @@ def test_sensitivity_feeds_are_trimmed_token_slices() -> None:
     assert all(np.array_equal(p["attention_mask"].sum(1) > 0, np.ones(len(p["attention_mask"]), bool)) for p in parts)
     plain = {"x": np.ones((5, 10), np.float32)}
     assert list(_trimmed(plain, 2)) == [plain]
+
+
+# -- int8 scale codes (scale_bits=8) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_scale_codes_are_exact_multiples_of_a_row_step(symmetric: bool) -> None:
+    rng = np.random.default_rng(21)
+    w = (rng.standard_normal((40, 96)) * rng.uniform(0.001, 3, (40, 1))).astype(np.float32)
+    w[3] = 0.0  # an all-zero row
+    x = _correlated(256, 96, seed=5)
+    for q in (quantize_rtn(w, 32, symmetric, scale_bits=8), gptq(w, x.T @ x, 32, symmetric=symmetric, scale_bits=8)):
+        assert q.scale_step is not None and q.scale_step.shape == (40,)
+        assert np.array_equal(q.scale_step.astype(np.float16).astype(np.float32), q.scale_step)  # float16-exact
+        codes = q.scale_codes()
+        assert codes.dtype == np.int8 and np.all(codes != 0) and np.all(np.abs(codes.astype(int)) <= 127)
+        # int8 code x float16 step is exact in float32: the file's Cast/Mul reproduces the scales bit for bit
+        assert np.array_equal(codes.astype(np.float32) * q.scale_step[:, None], q.scales)
+        assert np.all(q.dequantize()[3] == 0)
+    fp16 = quantize_rtn(w, 32, symmetric)
+    snapped = quantize_rtn(w, 32, symmetric, scale_bits=8)
+    err = lambda q: float(((w - q.dequantize()) ** 2).sum())  # noqa: E731
+    assert err(snapped) <= 1.1 * err(fp16)  # the int8 codes cost little precision
+    assert stored_bytes(40, 96, 32, 4, scale_bytes=1, row_bytes=2) == 40 * 48 + 40 * 3 + 80
+    with pytest.raises(ValueError):
+        quantize_rtn(w, 32, scale_bits=4)
+
+
+def _gemm_model(k: int = 128, n: int = 24) -> onnx.ModelProto:
+    rng = np.random.default_rng(22)
+    wg = (rng.standard_normal((n, k)) * 0.2).astype(np.float32)
+    graph = h.make_graph(
+        [h.make_node("Gemm", ["x", "WG"], ["y"], name="gemm", transB=1)],
+        "g",
+        [h.make_tensor_value_info("x", T.FLOAT, [2, k])],
+        [h.make_tensor_value_info("y", T.FLOAT, [2, n])],
+        [nh.from_array(wg, "WG")],
+    )
+    return _model(graph)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int8_scale_codes_in_every_standard_form(tmp_path: Path, symmetric: bool) -> None:
+    """MatMul ``[K, N]`` (column layout), Gemm ``transB`` (row layout) and a Gather table (gathered
+    codes and steps) with ``scale_bits=8``: outputs equal the quantizer's values, files are smaller."""
+    rng = np.random.default_rng(23)
+    cases = [
+        (matmul_model(k=80, n=48), {"x": rng.standard_normal((2, 4, 80)).astype(np.float32)}),
+        (_gemm_model(), {"x": rng.standard_normal((2, 128)).astype(np.float32)}),
+        (embedding_model(vocab=100, dim=100), {"ids": np.array([[0, 5, 99, -1], [3, 3, 7, 42]], np.int64)}),
+    ]
+    for i, (proto, feed) in enumerate(cases):
+        src = save(proto, tmp_path / f"m{i}.onnx")
+        sizes = {}
+        for bits in (16, 8):
+            out, report = _quantize(
+                src, tmp_path / f"q{i}_{bits}.onnx", symmetric=symmetric, min_elements=1, scale_bits=bits
+            )
+            assert report.stats["scale_bits"] == bits
+            # int8 codes where a row has more than 2 blocks (else the row's step costs what they save)
+            for la in report.stats["layers"]:
+                value = _weights(proto)[la["tensor"]]
+                k = value.shape[1] if la["tensor"] in ("E", "WG") else value.shape[0]
+                assert la["scale_bits"] == (8 if bits == 8 and k > 64 else 16), la
+            sizes[bits] = sum(la["bytes_after"] for la in report.stats["layers"])
+            if bits == 8:
+                inits = onnx.load(str(out)).graph.initializer
+                assert any(t.data_type == T.INT8 for t in inits)  # the scale codes
+        # Expected: the float graph with every weight as quantize_rtn(scale_bits=8) rounds it.
+        ws = _weights(proto)
+        deq = {}
+        for name, value in ws.items():
+            if value.ndim != 2:
+                continue
+            rows = value.T if name != "E" and name != "WG" else value
+            sb = 8 if rows.shape[1] > 64 else 16
+            d = quantize_rtn(np.ascontiguousarray(rows), 32, symmetric, scale_bits=sb).dequantize()
+            deq[name] = d.T if name != "E" and name != "WG" else d
+        expected = run(save(_replace(proto, deq), tmp_path / f"e{i}.onnx"), feed)
+        got = run(tmp_path / f"q{i}_8.onnx", feed)
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+        assert sizes[8] < sizes[16]
+
+
+def _replace(proto: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(proto)
+    for init in m.graph.initializer:
+        if init.name in values:
+            init.CopyFrom(nh.from_array(np.ascontiguousarray(values[init.name], dtype=np.float32), init.name))
+    return m
+
+
+def test_int8_scale_codes_params_and_contrib_target(tmp_path: Path) -> None:
+    assert int4_config(Params({})).scale_bits == 0 and Int4Config().scale_bits == 16  # CLI: auto
+    assert int4_config(Params({"scale_bits": "8"})).scale_bits == 8
+    with pytest.raises(OnnxCompressError, match="scale_bits"):
+        int4_config(Params({"scale_bits": "4"}))
+    # auto: int8 codes only when GPTQ spends the saved bytes on 8-bit blocks (budget > 0)
+    src = save(matmul_model(k=128, n=48), tmp_path / "a.onnx")
+    x = np.random.default_rng(24).standard_normal((8, 4, 128)).astype(np.float32)
+    for i, (budget, calib, expected) in enumerate([(0.3, [{"x": x}], 8), (0.0, [{"x": x}], 16), (0.3, None, 16)]):
+        ctx = PassContext(calibration=calib)
+        _, rep = _quantize(src, tmp_path / f"a{i}.onnx", ctx, min_elements=1, scale_bits=0, budget=budget)
+        assert rep.stats["scale_bits"] == expected, (budget, calib)
+    with pytest.raises(ValueError):
+        Int4Config(scale_bits=12)
+    # MatMulNBits takes float32 scales: with target onnxruntime the option changes nothing.
+    src = save(matmul_model(k=64, n=48), tmp_path / "m.onnx")
+    out, report = _quantize(src, tmp_path / "q.onnx", PassContext(target="onnxruntime"), min_elements=1, scale_bits=8)
+    assert report.stats["scale_bits"] == 16 and _ops(out)["MatMulNBits"] == 2
+
+
+def test_int8_scale_codes_on_a_batched_weight(tmp_path: Path) -> None:
+    rng = np.random.default_rng(25)
+    w = rng.standard_normal((3, 100, 16)).astype(np.float32)
+    g = h.make_graph(
+        [h.make_node("MatMul", ["x", "W"], ["y"], name="bmm")],
+        "b",
+        [h.make_tensor_value_info("x", T.FLOAT, [3, 4, 100])],
+        [h.make_tensor_value_info("y", T.FLOAT, [3, 4, 16])],
+        [nh.from_array(w, "W")],
+    )
+    src = save(_model(g), tmp_path / "b.onnx")
+    x = rng.standard_normal((3, 4, 100)).astype(np.float32)
+    out, report = _quantize(src, tmp_path / "q.onnx", scale_bits=8)
+    assert report.stats["forms"] == {"load": 1} and report.stats["layers"][0]["scale_bits"] == 8
+    rows = quantize_rtn(w.transpose(0, 2, 1).reshape(-1, 100), 32, scale_bits=8).dequantize()
+    expected = x @ rows.reshape(3, 16, 100).transpose(0, 2, 1)
+    np.testing.assert_allclose(run(out, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)

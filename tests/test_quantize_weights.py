@@ -207,3 +207,122 @@ def test_embedding_tables_are_gathered_before_dequantizing(tmp_path: Path, tied:
     for x, y in zip(a, b):
         cos = np.sum(x * y, axis=-1) / np.linalg.norm(x, axis=-1) / np.linalg.norm(y, axis=-1)
         assert cos.min() > 0.999
+
+
+# --------------------------------------------------------------------------- bits, steps, ECR, GPTQ
+
+
+def _mm_feeds(n: int, seed: int, k: int = 64) -> list[dict[str, np.ndarray]]:
+    mix = np.random.default_rng(99).standard_normal((k, k)).astype(np.float32)  # correlated: GPTQ has work
+    rng = np.random.default_rng(seed)
+    return [{"x": (rng.standard_normal((n, 4, k)).astype(np.float32) @ mix)}]
+
+
+def _symbols(path: Path, name: str = "W_quantized") -> np.ndarray:
+    return _initializers(path)[name]
+
+
+@pytest.mark.parametrize("bits", [3, 5, 8])
+def test_bits_bound_the_symbols_and_the_error(tmp_path: Path, bits: int) -> None:
+    src = save(matmul_model(k=64, n=32), tmp_path / "m.onnx")
+    out, report = _quantize(src, tmp_path / "q.onnx", bits=bits)
+    qmax = 2 ** (bits - 1) - 1
+    q = _symbols(out)
+    assert q.dtype == np.int8 and np.abs(q).max() == qmax
+    w = _initializers(src)["W"]
+    deq = _dequantized(out, ["W_dequantized"], MM_FEED, tmp_path)["W_dequantized"]
+    s = np.abs(w).max(axis=0) / qmax
+    assert np.all(np.abs(w - deq) <= s / 2 + 1e-6)
+    assert report.stats["bits"] == bits
+
+
+def test_default_is_the_plain_int8_pass(tmp_path: Path) -> None:
+    """bits=8, step=max reproduce the historical symbols exactly."""
+    src = save(matmul_model(k=64, n=32), tmp_path / "m.onnx")
+    out, _ = _quantize(src, tmp_path / "q.onnx")
+    w = _initializers(src)["W"]
+    s = symmetric_scales(w, 1, 127)
+    np.testing.assert_array_equal(_symbols(out), quantize_symmetric(w, s, 1, 127, np.int8))
+
+
+def test_rms_step_follows_the_spread_not_the_outliers(tmp_path: Path) -> None:
+    """step=max gives a channel with one outlier a step many times coarser than its spread; step=rms
+    keeps every channel's relative error alike, and the outlier keeps a large symbol (no clipping)."""
+    rng = np.random.default_rng(0)
+    model = matmul_model(k=256, n=64)
+    w = rng.standard_normal((256, 64)).astype(np.float32)
+    w[7, ::4] = 20.0  # one outlier in every 4th output channel
+    model.graph.initializer[0].CopyFrom(nh.from_array(w, "W"))
+    src = save(model, tmp_path / "m.onnx")
+    feed = {"x": np.ones((1, 4, 256), np.float32)}
+    ratios = {}
+    for step in ("max", "rms"):
+        out, _ = _quantize(src, tmp_path / f"{step}.onnx", bits=6, step=step)
+        deq = _dequantized(out, ["W_dequantized"], feed, tmp_path)["W_dequantized"]
+        rel = np.sum((w - deq) ** 2, axis=0) / np.sum(w**2, axis=0)
+        ratios[step] = float(np.mean(rel[::4]) / np.mean(rel[1::4]))
+        if step == "rms":
+            assert np.abs(_symbols(out)).max() > 31
+    assert ratios["max"] > 10 and ratios["rms"] < 4, ratios
+
+
+def test_half_bits_need_the_rms_step() -> None:
+    from onnxcompress.errors import OnnxCompressError
+    from onnxcompress.passes.base import Params
+    from onnxcompress.passes.quantize.weights import int8_weights_config
+
+    cfg = int8_weights_config(Params({"bits": "4.5", "step": "rms", "ecr_lambda": "0.05"}))
+    assert cfg.bits == 4.5 and cfg.step == "rms" and cfg.ecr_lambda == 0.05
+    for bad in ({"bits": "4.5"}, {"bits": "9"}, {"bits": "1"}, {"step": "median"}, {"ecr_lambda": "-1"}):
+        with pytest.raises(OnnxCompressError):
+            int8_weights_config(Params(bad))
+    assert int8_weights_config(Params({}), granularity="block").granularity == "block"
+
+
+def test_bits_by_tensor_and_ecr(tmp_path: Path) -> None:
+    from onnxcompress.passes.quantize.entropy import coded_bits
+
+    src = save(matmul_model(k=256, n=64), tmp_path / "m.onnx")
+    out, _ = _quantize(src, tmp_path / "q.onnx", bits=8, bits_by_tensor=(("W", 3.0),))
+    assert np.abs(_symbols(out)).max() == 3 and np.abs(_symbols(out, "W2_quantized")).max() == 127
+    plain, _ = _quantize(src, tmp_path / "p.onnx", bits=3.5, step="rms")
+    ecr, _ = _quantize(src, tmp_path / "e.onnx", bits=3.5, step="rms", ecr_lambda=0.1)
+    qp, qe = _symbols(plain), _symbols(ecr)
+    assert coded_bits(qe) < coded_bits(qp)
+    assert np.all(np.abs(qe.astype(int) - qp.astype(int)) <= 1)
+
+
+def test_gptq_needs_calibration_and_lowers_the_output_error(tmp_path: Path) -> None:
+    from onnxcompress.errors import OnnxCompressError
+
+    src = save(matmul_model(k=64, n=32), tmp_path / "m.onnx")
+    with pytest.raises(OnnxCompressError, match="calibration"):
+        Int8WeightsPass(Int8WeightsConfig(bits=4, gptq=True)).run(oc.load(src), PassContext())
+    calib, test = _mm_feeds(64, 1), _mm_feeds(64, 2)[0]
+    errs = {}
+    for use in (False, True):
+        model = oc.load(src)
+        report = Int8WeightsPass(Int8WeightsConfig(bits=4, step="rms", gptq=use)).run(
+            model, PassContext(calibration=calib)
+        )
+        out = tmp_path / f"g{use}.onnx"
+        oc.save(model, out)
+        assert report.stats["gptq_layers"] == (2 if use else 0)
+        ref, cand = run(src, test)[0], run(out, test)[0]
+        errs[use] = float(np.mean((ref - cand) ** 2))
+    assert errs[True] < 0.8 * errs[False], errs
+
+
+def test_gptq_skips_what_it_cannot_fit(tmp_path: Path) -> None:
+    """Tables (Gather) and convolutions are rounded to nearest; the pass still runs."""
+    src = save(conv_model(), tmp_path / "c.onnx")
+    feed = {"x": np.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32)}
+    model = oc.load(src)
+    report = Int8WeightsPass(Int8WeightsConfig(bits=6, step="rms", gptq=True)).run(
+        model, PassContext(calibration=[feed])
+    )
+    assert report.stats["tensors_changed"] >= 2
+    out = tmp_path / "q.onnx"
+    oc.save(model, out)
+    a, b = run(src, feed)[0], run(out, feed)[0]
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99

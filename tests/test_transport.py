@@ -95,7 +95,8 @@ def test_every_kind_roundtrips_and_uses_its_codec(tmp_path: Path) -> None:
     stats, _out = _roundtrip(src, tmp_path)
     assert stats["tensors"] >= 6  # the Constant node's tensor included
     assert "planes" in stats["bytes_by_codec"]  # float32/16 and int64
-    assert "symbols-rans" in stats["bytes_by_codec"]  # int8 symbols with per-row-class tables
+    # int8 symbols: per-row-class tables or context tables, whichever is smaller
+    assert {"symbols-rans", "symbols-context"} & set(stats["bytes_by_codec"])
 
 
 def test_external_data_roundtrip_restores_every_file(tmp_path: Path) -> None:
@@ -169,10 +170,10 @@ def _bad_cases(pkg: Path, tmp: Path) -> dict[str, Path]:
     flipped[len(raw) // 3] ^= 0x10
     cases["bit-flipped"] = tmp / "flipped.ocpk"
     cases["bit-flipped"].write_bytes(bytes(flipped))
-    v2 = bytearray(raw)
-    struct.pack_into("<H", v2, 4, 2)
-    cases["unknown-version"] = tmp / "v2.ocpk"
-    cases["unknown-version"].write_bytes(bytes(v2))
+    v99 = bytearray(raw)
+    struct.pack_into("<H", v99, 4, 99)
+    cases["unknown-version"] = tmp / "v99.ocpk"
+    cases["unknown-version"].write_bytes(bytes(v99))
     # tampered: a tensor chunk changed and the whole-package hash recomputed (per-tensor hash catches it)
     tampered = bytearray(raw[:-32])
     tampered[-200] ^= 0x01
@@ -310,3 +311,128 @@ def test_pack_never_overwrites_its_input(tmp_path: Path) -> None:
 def test_minilm_fp32_packs_under_083(tmp_path: Path) -> None:
     stats, _ = _roundtrip(MINILM, tmp_path)
     assert stats["ratio"] <= 0.83
+
+
+# --------------------------------------------------------------------------- context and row-prediction coders
+
+
+def _rank1_int8(rows: int, cols: int, seed: int) -> np.ndarray:
+    """int8 symbols whose spread is a row factor times a column factor (a smoothed, per-channel weight)."""
+    rng = np.random.default_rng(seed)
+    sigma = rng.uniform(0.3, 1.0, (rows, 1)) * rng.lognormal(0, 0.5, (1, cols)) * 25
+    return np.clip(np.round(rng.standard_normal((rows, cols)) * sigma), -127, 127).astype(np.int8)
+
+
+def test_context_tables_are_fixed_integers() -> None:
+    """The decoder rebuilds the tables; they must be the same integers on every machine (golden sha256)."""
+    digest = hashlib.sha256()
+    for nu_code in range(len(codecs.CTX_NUS)):
+        for half in (128, codecs.NB_HALF):
+            t = codecs._ctx_tables(nu_code, half)
+            assert t.min() >= 1 and t.max() == 65537 and np.all(t == np.round(t))
+            digest.update(t.astype("<u4").tobytes())
+    assert digest.hexdigest() == CTX_TABLES_SHA256
+
+
+CTX_TABLES_SHA256 = "99f0117269e41532d1777be2f04d9a0a542abdcf5138351bd7156839c8004596"
+
+
+def test_context_coder_beats_row_classes_on_row_times_column_spreads() -> None:
+    q = _rank1_int8(384, 384, 0)
+    raw = q.tobytes()
+    body = codecs.encode_chunk(raw, T.INT8, 384)
+    assert body[1] == codecs.CONTEXT
+    assert codecs.decode_chunk(body, q.size, T.INT8) == raw
+    classes = codecs._encode_symbols(np.frombuffer(raw, np.uint8), 384, "bytes", True)
+    assert len(body) < 0.985 * len(classes)
+    # uint8 symbols centred on 128 (a zero point) are centred before coding
+    u = (q.astype(np.int16) + 128).astype(np.uint8)
+    ub = codecs.encode_chunk(u.tobytes(), T.UINT8, 384)
+    assert ub[1] == codecs.CONTEXT and codecs.decode_chunk(ub, u.size, T.UINT8) == u.tobytes()
+    assert abs(len(ub) - len(body)) < 0.002 * len(body)
+
+
+def test_blocked_weights_are_modelled_on_their_innermost_axis() -> None:
+    q = _rank1_int8(384, 256, 1).reshape(12, 32, 256)  # [blocks, block, N] as int8-weights writes them
+    raw = q.tobytes()
+    flat = codecs.encode_chunk(raw, T.INT8, 32 * 256)
+    hinted = codecs.encode_chunk(raw, T.INT8, 32 * 256, inner=256)
+    assert codecs.decode_chunk(hinted, q.size, T.INT8) == raw
+    assert len(hinted) < len(flat)
+
+
+def _embedding_like(rows: int, cols: int, seed: int) -> np.ndarray:
+    """Rows that resemble earlier rows (related tokens), each scaled to the int8 range."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, cols))
+    block = codecs.NB_BLOCK
+    for r in range(block, rows):
+        j = rng.integers(0, r // block * block)  # a row the decoder has when it reaches row r
+        x[r] = 0.95 * x[j] * rng.choice([-1.0, 1.0]) + 0.3 * x[r]
+    return np.round(x / np.abs(x).max(axis=1, keepdims=True) * 127).astype(np.int8)
+
+
+def test_rows_predicted_from_similar_earlier_rows() -> None:
+    q = _embedding_like(1024, 128, 2)
+    raw = q.tobytes()
+    body = codecs.encode_chunk(raw, T.INT8, 128)
+    assert body[1] == codecs.NEIGHBOUR
+    assert codecs.decode_chunk(body, q.size, T.INT8) == raw
+    context = codecs._encode_context(np.frombuffer(raw, np.uint8), 128, None)
+    assert context is not None and len(body) < 0.88 * len(context)
+    # an int8 table with no similar rows keeps the plain context coding
+    plain = _rank1_int8(1024, 128, 3)
+    assert codecs.encode_chunk(plain.tobytes(), T.INT8, 128)[1] != codecs.NEIGHBOUR
+
+
+@pytest.mark.parametrize("which", ["context", "neighbour"])
+def test_corrupt_context_chunks_raise_codec_errors(which: str) -> None:
+    q = _embedding_like(768, 96, 4) if which == "neighbour" else _rank1_int8(256, 96, 4)
+    raw = q.tobytes()
+    body = codecs.encode_chunk(raw, T.INT8, 96)
+    assert body[1] == (codecs.NEIGHBOUR if which == "neighbour" else codecs.CONTEXT)
+    rng = np.random.default_rng(5)
+    for _ in range(60):
+        bad = bytearray(body)
+        pos = int(rng.integers(2, min(len(bad), 400)))
+        bad[pos] ^= 1 << int(rng.integers(0, 8))
+        try:
+            out = codecs.decode_chunk(bytes(bad), q.size, T.INT8)
+        except codecs.CodecError:
+            continue
+        assert len(out) == q.size  # undetected here: the tensor's sha256 refuses it
+    with pytest.raises(codecs.CodecError):
+        codecs.decode_chunk(body[: len(body) // 2], q.size, T.INT8)
+
+
+def _record_kinds(pkg: Path) -> list[str]:
+    f, end, _version = container._open_package(pkg, container.MAGIC_PACK)
+    with f:
+        return [kind for kind, _body in container._records(f, end)]
+
+
+def test_version_1_packages_still_unpack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A package written as version 1 wrote (no context chunks, version 1 header) restores exactly."""
+    src = tmp_path / "typed.onnx"
+    src.write_bytes(_typed_model().SerializeToString())
+    # small chunks: the 32 KB int8 tensor is 2 chunks in version 1 and 1 in version 2 (8-bit chunks doubled)
+    monkeypatch.setattr(codecs, "CHUNK_BYTES", 2**16)
+    with monkeypatch.context() as mp:
+        mp.setattr(container, "VERSION", 1)
+        mp.setattr(codecs, "_encode_context", lambda *a: None)
+        mp.setattr(codecs, "_encode_neighbour", lambda *a: None)
+        pack(src, tmp_path / "v1.ocpk")
+    raw = (tmp_path / "v1.ocpk").read_bytes()
+    assert struct.unpack_from("<H", raw, 4)[0] == 1
+    out = tmp_path / "out"
+    out.mkdir()
+    chunks = _record_kinds(tmp_path / "v1.ocpk")
+    unpack(tmp_path / "v1.ocpk", out / "m.onnx")
+    assert _sha(out / "m.onnx") == _sha(src)
+    # the current writer says version 2
+    pack(src, tmp_path / "v2.ocpk")
+    assert struct.unpack_from("<H", (tmp_path / "v2.ocpk").read_bytes(), 4)[0] == container.VERSION == 2
+    chunks2 = _record_kinds(tmp_path / "v2.ocpk")
+    assert chunks.count("C") == chunks2.count("C") + 1
+    unpack(tmp_path / "v2.ocpk", out / "m2.onnx")
+    assert _sha(out / "m2.onnx") == _sha(src)

@@ -2,7 +2,7 @@
 
 Layout (all integers little-endian)::
 
-    magic "OCPK" (a patch: "OCPD") | u16 format version | u16 flags (0)
+    magic "OCPK" (a patch: "OCPD") | u16 format version (2; 1 is still read) | u16 flags (0)
     records: u8 type | u64 body length | body
         B  (patches only) JSON: the base model's files, sizes and sha256
         F  one per output file: u32 JSON length | JSON | zstd gap stream
@@ -54,7 +54,8 @@ from ..io import PROTOBUF_LIMIT, TMP_PREFIX, resolve_external
 from . import codecs
 from .wire import TensorRef, WireError, find_tensors, has_graph
 
-VERSION = 1
+VERSION = 2  # 2: 8-bit symbols in chunks of CHUNK_BYTES / 2, context and row-prediction coders (codecs)
+READABLE_VERSIONS = (1, 2)  # version 1 packages still unpack (chunk sizes follow the version)
 MAGIC_PACK = b"OCPK"
 MAGIC_PATCH = b"OCPD"
 HEADER = struct.Struct("<4sHH")
@@ -82,6 +83,7 @@ class TensorSlot:
     offset: int
     nbytes: int
     row_bytes: int
+    inner_bytes: int = 0  # bytes of the innermost axis (a hint for the coder; not needed to decode)
 
     def meta(self) -> dict[str, Any]:
         return {"name": self.name, "data_type": self.data_type, "nbytes": self.nbytes, "row_bytes": self.row_bytes}
@@ -114,6 +116,19 @@ def _row_bytes(ref: TensorRef, nbytes: int) -> int:
     if len(ref.dims) >= 2 and ref.dims[0] > 0 and nbytes % ref.dims[0] == 0:
         return nbytes // ref.dims[0]
     return nbytes
+
+
+def _inner_bytes(ref: TensorRef, nbytes: int) -> int:
+    if ref.dims and ref.dims[-1] > 0 and nbytes % ref.dims[-1] == 0:
+        return nbytes // max(1, _count(ref.dims)) * ref.dims[-1]
+    return 0
+
+
+def _count(dims: list[int]) -> int:
+    n = 1
+    for d in dims:
+        n *= max(d, 0)
+    return n
 
 
 def _non_overlapping(slots: list[TensorSlot], size: int) -> list[TensorSlot]:
@@ -177,7 +192,16 @@ def model_layout(path: str | os.PathLike[str]) -> list[FileLayout]:
                 lay = external.get(name)
                 if lay is None:
                     lay = external[name] = FileLayout(name, target, target.stat().st_size)
-                lay.tensors.append(TensorSlot(ref.name, ref.data_type, offset, length, _row_bytes(ref, length)))
+                lay.tensors.append(
+                    TensorSlot(
+                        ref.name,
+                        ref.data_type,
+                        offset,
+                        length,
+                        _row_bytes(ref, length),
+                        _inner_bytes(ref, length),
+                    )
+                )
             elif ref.payload is not None:
                 offset, length = ref.payload
                 if ref.payload_field == 4:
@@ -186,7 +210,9 @@ def model_layout(path: str | os.PathLike[str]) -> list[FileLayout]:
                     dtype = onnx.TensorProto.DOUBLE if ref.data_type != onnx.TensorProto.COMPLEX128 else 0
                 else:
                     dtype = ref.data_type
-                main.tensors.append(TensorSlot(ref.name, dtype, offset, length, _row_bytes(ref, length)))
+                main.tensors.append(
+                    TensorSlot(ref.name, dtype, offset, length, _row_bytes(ref, length), _inner_bytes(ref, length))
+                )
     main.tensors = _non_overlapping(main.tensors, main.size)
     files = [main]
     for name in sorted(external):
@@ -345,7 +371,7 @@ def write_package(files: list[FileLayout], sink_file: BinaryIO | None, *, base: 
             for t, found in zip(lay.tensors, bases):
                 h = hashlib.sha256()
                 coded = 0
-                step = codecs.chunk_rows(t.nbytes, t.row_bytes, t.data_type)
+                step = codecs.chunk_rows(t.nbytes, t.row_bytes, t.data_type, VERSION)
                 old = open(base.path_of(found[0]), "rb") if found is not None else None  # noqa: SIM115
                 try:
                     for start in range(0, t.nbytes, step):
@@ -359,7 +385,9 @@ def write_package(files: list[FileLayout], sink_file: BinaryIO | None, *, base: 
                         if old is not None:
                             old.seek(found[1] + start)
                             old_data = old.read(n)
-                        body = codecs.encode_chunk(data, t.data_type, t.row_bytes, old_data)
+                        body = codecs.encode_chunk(
+                            data, t.data_type, t.row_bytes, old_data, inner=t.inner_bytes or None
+                        )
                         label = codecs.CODEC_NAMES[body[1]] + ("+delta" if body[0] else "")
                         deltas += body[0]
                         codec_bytes[label] = codec_bytes.get(label, 0) + len(body) + RECORD.size
@@ -416,8 +444,8 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _open_package(path: Path, magic: bytes) -> tuple[BinaryIO, int]:
-    """Open and verify a package: magic, version and whole-file hash. Returns (file, end of records)."""
+def _open_package(path: Path, magic: bytes) -> tuple[BinaryIO, int, int]:
+    """Open and verify a package: magic, version and whole-file hash. Returns (file, end of records, version)."""
     what = "patch" if magic == MAGIC_PATCH else "package"
     if not path.exists():
         raise OnnxCompressError(f"{what} not found: {path}")
@@ -434,9 +462,10 @@ def _open_package(path: Path, magic: bytes) -> tuple[BinaryIO, int]:
             other = {MAGIC_PACK: "a package (use unpack)", MAGIC_PATCH: "a patch (use patch)"}.get(got)
             hint = f": it is {other}" if other else ""
             raise PackageError(f"{path} is not an onnxcompress {what}{hint}")
-        if version != VERSION:
+        if version not in READABLE_VERSIONS:
+            known = ", ".join(str(v) for v in READABLE_VERSIONS)
             raise PackageError(
-                f"{path} has container version {version}; this onnxcompress reads version {VERSION}: upgrade it"
+                f"{path} has container version {version}; this onnxcompress reads versions {known}: upgrade it"
             )
         if size < HEADER.size + HASH_BYTES:
             raise PackageError(f"{path} is truncated")
@@ -452,7 +481,7 @@ def _open_package(path: Path, magic: bytes) -> tuple[BinaryIO, int]:
         if f.read(HASH_BYTES) != h.digest():
             raise PackageError(f"{path} is corrupt or truncated (its sha256 does not match): download it again")
         f.seek(HEADER.size)
-        return f, end
+        return f, end, version
     except BaseException:
         f.close()
         raise
@@ -494,7 +523,7 @@ def read_package(
     Returns: the summary (files written, relative to ``tmpdir``, with sizes and hashes).
     """
     t0 = time.perf_counter()
-    f, end = _open_package(path, magic)
+    f, end, version = _open_package(path, magic)
     written: list[dict[str, Any]] = []
     with f:
         recs = _records(f, end)
@@ -514,7 +543,7 @@ def read_package(
                     raise PackageError("corrupt package: a file record is cut")
                 (n,) = struct.unpack_from("<I", body)
                 head = _load_json(body[4 : 4 + n])
-                written.append(_write_file(head, body[4 + n :], recs, tmpdir, main_name, base))
+                written.append(_write_file(head, body[4 + n :], recs, tmpdir, main_name, base, version))
             elif kind == "E":
                 summary = _load_json(body)
             else:
@@ -544,7 +573,13 @@ def _check_base(info: Any, base: Base | None) -> None:
 
 
 def _write_file(
-    head: Any, gap_blob: bytes, recs: Iterator[tuple[str, bytes]], tmpdir: Path, main_name: str, base: Base | None
+    head: Any,
+    gap_blob: bytes,
+    recs: Iterator[tuple[str, bytes]],
+    tmpdir: Path,
+    main_name: str,
+    base: Base | None,
+    version: int,
 ) -> dict[str, Any]:
     try:
         name = _check_name(str(head["name"]))
@@ -577,7 +612,7 @@ def _write_file(
                         total += len(block)
                 elif kind == 1:
                     meta = metas[value]
-                    for block in _decode_tensor(meta, recs, base):
+                    for block in _decode_tensor(meta, recs, base, version):
                         out.write(block)
                         file_hash.update(block)
                         total += len(block)
@@ -593,7 +628,9 @@ def _write_file(
     return {"name": name, "path": out_name, "size": size, "sha256": digest}
 
 
-def _decode_tensor(meta: dict[str, Any], recs: Iterator[tuple[str, bytes]], base: Base | None) -> Iterator[bytes]:
+def _decode_tensor(
+    meta: dict[str, Any], recs: Iterator[tuple[str, bytes]], base: Base | None, version: int
+) -> Iterator[bytes]:
     nbytes, row_bytes, data_type = int(meta["nbytes"]), int(meta["row_bytes"]), int(meta["data_type"])
     found = meta.get("base")
     old = None
@@ -602,7 +639,7 @@ def _decode_tensor(meta: dict[str, Any], recs: Iterator[tuple[str, bytes]], base
             raise PackageError("corrupt package: a tensor refers to a base model")
         old = open(base.path_of(str(found[0])), "rb")  # noqa: SIM115
     h = hashlib.sha256()
-    step = codecs.chunk_rows(nbytes, row_bytes, data_type)
+    step = codecs.chunk_rows(nbytes, row_bytes, data_type, version)
     try:
         for start in range(0, nbytes, step):
             n = min(step, nbytes - start)

@@ -14,6 +14,12 @@ Every block of every row has a scale ``s`` and a zero point ``z``; codes are uns
   consumer), and ``s = e * r / 7``.
 * asymmetric: ``s = (max - min) * r / 15`` and ``z = clip(round(-min * r / s), 0, 15)``.
 
+Scales are float16 (``scale_bits=16``), or (``scale_bits=8``) int8 codes ``c`` times a per-row float16
+step ``d`` (``s = c * d``, ``|c| <= 127``, ``d = max|w_row| * 1.1 / (7 * 127)``): 1 byte per block
+instead of 2, i.e. 0.25 instead of 0.5 bits per weight at block 32 (:func:`snap_scales`; the product
+of an int8 and a float16 is exact in float32, so a file storing ``c`` and ``d`` dequantizes to exactly
+``w'``). The clipping search and GPTQ see the snapped candidates, so the codes fit the stored scales.
+
 Clipping search (``clip_search``): the ratio ``r`` is chosen per block from a small grid in
 ``[0.6, 1]`` to minimise the block's (optionally column-weighted) squared error
 ``sum_k h_k (w_k - w'_k)^2``; ``r = 1`` (plain min/max) is always a candidate, so the search never
@@ -47,6 +53,9 @@ import numpy as np
 QMAX_U4 = 15
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 ROW_CHUNK = 4096  # rows per chunk in the clipping search (bounds temporaries for embedding tables)
+SCALE_BITS = (8, 16)
+SCALE_CODE_MAX = 127  # int8 scale codes (scale_bits=8)
+SCALE_HEADROOM = 1.1  # the step leaves room for GPTQ-updated values beyond the row's original maximum
 
 
 @dataclasses.dataclass
@@ -60,6 +69,9 @@ class Quantized:
         k: The true ``K`` (columns beyond it are padding).
         block: The block size.
         bits: 4 (codes in ``[0, 15]``) or 8 (codes in ``[1, 255]``, zero point 128: see :func:`quantize_int8`).
+        scale_step: With ``scale_bits=8``: the per-row float16-representable step ``[N]`` (float32);
+            every scale is an integer multiple ``c * step`` with ``|c| <= 127`` (:meth:`scale_codes`).
+            None: the scales are float16 values.
     """
 
     codes: np.ndarray
@@ -68,6 +80,12 @@ class Quantized:
     k: int
     block: int
     bits: int = 4
+    scale_step: np.ndarray | None = None
+
+    def scale_codes(self) -> np.ndarray:
+        """The int8 scale codes ``[N, K_pad / block]`` (``scales / scale_step``, exact); needs ``scale_step``."""
+        assert self.scale_step is not None
+        return np.rint(self.scales / self.scale_step[:, None]).astype(np.int8)
 
     def dequantize(self) -> np.ndarray:
         """``W' [N, K]`` (float32), padding dropped."""
@@ -98,22 +116,52 @@ def round_scales(s: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(half), half.astype(np.float32), s).astype(np.float32)
 
 
-def _candidates(wb: np.ndarray, symmetric: bool, ratios: tuple[float, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``[(scale, zero point)]`` candidates for blocks ``wb [..., b]`` (each ``[...]``), best guess first."""
+def row_scale_step(w: np.ndarray) -> np.ndarray:
+    """The per-row step ``[N]`` of int8 scale codes for ``w [N, K]`` (float16-representable float32)."""
+    peak = np.abs(np.asarray(w, dtype=np.float32)).max(axis=1) if w.size else np.zeros(w.shape[0], np.float32)
+    return round_scales(peak * np.float32(SCALE_HEADROOM / (7.0 * SCALE_CODE_MAX)))
+
+
+def snap_scales(s: np.ndarray, step: np.ndarray, up: bool = False) -> np.ndarray:
+    """Scales ``s`` rounded to nonzero multiples ``c * step`` with ``|c| <= 127`` (``step`` broadcast to ``s``);
+    ``up``: rounded away from zero (the smallest ``|c|`` with ``|c| * step >= |s|``, within the code range)."""
+    c = s / step
+    c = np.sign(c) * np.ceil(np.abs(c)) if up else np.rint(c)
+    c = np.clip(c, -SCALE_CODE_MAX, SCALE_CODE_MAX)
+    c = np.where(c == 0, np.where(s < 0, -1.0, 1.0), c)
+    return (c * step).astype(np.float32)
+
+
+def _candidates(
+    wb: np.ndarray, symmetric: bool, ratios: tuple[float, ...], step: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``[(scale, zero point)]`` candidates for blocks ``wb [..., b]`` (each ``[...]``), best guess first.
+
+    ``step`` (broadcastable to ``wb.shape[:-1]``): snap the scales to int8 multiples of it (else float16).
+    """
+
+    def rounded(x: np.ndarray) -> np.ndarray:
+        return round_scales(x) if step is None else snap_scales(x, step)
+
     out = []
     if symmetric:
         idx = np.abs(wb).argmax(axis=-1)
         extreme = np.take_along_axis(wb, idx[..., None], axis=-1)[..., 0]
         z = np.full(extreme.shape, 8, dtype=np.float32)
         for r in ratios:
-            out.append((round_scales(-extreme * np.float32(r / 8.0)), z))
+            out.append((rounded(-extreme * np.float32(r / 8.0)), z))
         for r in ratios[:3]:
-            out.append((round_scales(extreme * np.float32(r / 7.0)), z))
+            out.append((rounded(extreme * np.float32(r / 7.0)), z))
+        if step is not None:  # int8 codes are coarse: also the smallest code that clips nothing
+            out.append((snap_scales(-extreme / np.float32(8.0), step, up=True), z))
+            out.append((snap_scales(extreme / np.float32(7.0), step, up=True), z))
     else:
         lo = np.minimum(wb.min(axis=-1), 0.0)
         hi = np.maximum(wb.max(axis=-1), 0.0)
-        for r in ratios:
-            s = round_scales((hi - lo) * np.float32(r / QMAX_U4))
+        spans = [rounded((hi - lo) * np.float32(r / QMAX_U4)) for r in ratios]
+        if step is not None:
+            spans.append(snap_scales((hi - lo) / np.float32(QMAX_U4), step, up=True))
+        for r, s in zip((*ratios, 1.0), spans):
             z = np.clip(np.rint(-lo * np.float32(r) / s), 0, QMAX_U4).astype(np.float32)
             out.append((s, z))
     return out
@@ -131,13 +179,15 @@ def block_params(
     symmetric: bool = True,
     clip_search: bool = True,
     weights: np.ndarray | None = None,
+    step: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scales and zero points (float32, shape ``wb.shape[:-1]``) for blocks ``wb [..., b]``.
 
     ``weights`` (broadcastable to ``wb``, e.g. ``diag H`` of the block's columns) weight the squared
-    error minimised by the clipping search.
+    error minimised by the clipping search. ``step`` (broadcastable to ``wb.shape[:-1]``): int8 scale
+    codes on that step (:func:`snap_scales`) instead of float16 scales.
     """
-    cands = _candidates(wb, symmetric, CLIP_RATIOS if clip_search else (1.0,))
+    cands = _candidates(wb, symmetric, CLIP_RATIOS if clip_search else (1.0,), step)
     best_s, best_z = cands[0]
     if len(cands) == 1:
         return best_s, best_z
@@ -162,9 +212,21 @@ def block_params(
     return best_s.astype(np.float32), best_z.astype(np.float32)
 
 
-def quantize_rtn(w: np.ndarray, block: int, symmetric: bool = True, clip_search: bool = True) -> Quantized:
-    """Round-to-nearest block quantization of ``w [N, K]`` (rows processed in chunks)."""
+def _check_scale_bits(scale_bits: int) -> None:
+    if scale_bits not in SCALE_BITS:
+        raise ValueError(f"scale_bits must be one of {SCALE_BITS}")
+
+
+def quantize_rtn(
+    w: np.ndarray, block: int, symmetric: bool = True, clip_search: bool = True, scale_bits: int = 16
+) -> Quantized:
+    """Round-to-nearest block quantization of ``w [N, K]`` (rows processed in chunks).
+
+    ``scale_bits``: 16 (float16 scales) or 8 (int8 codes times a per-row step, module docstring).
+    """
+    _check_scale_bits(scale_bits)
     n, k = w.shape
+    step = row_scale_step(w) if scale_bits == 8 else None
     wp = pad_columns(np.asarray(w, dtype=np.float32), block)
     nb = wp.shape[1] // block
     codes = np.empty((n, nb * block), dtype=np.uint8)
@@ -172,11 +234,12 @@ def quantize_rtn(w: np.ndarray, block: int, symmetric: bool = True, clip_search:
     zeros = np.empty((n, nb), dtype=np.uint8)
     for r0 in range(0, n, ROW_CHUNK):
         wb = wp[r0 : r0 + ROW_CHUNK].reshape(-1, nb, block)
-        s, z = block_params(wb, symmetric, clip_search)
+        st = None if step is None else step[r0 : r0 + ROW_CHUNK, None]
+        s, z = block_params(wb, symmetric, clip_search, step=st)
         codes[r0 : r0 + ROW_CHUNK] = _codes(wb, s, z).reshape(-1, nb * block)
         scales[r0 : r0 + ROW_CHUNK] = s
         zeros[r0 : r0 + ROW_CHUNK] = z
-    return Quantized(codes, scales, zeros, k, block)
+    return Quantized(codes, scales, zeros, k, block, scale_step=step)
 
 
 def quantize_int8(w: np.ndarray, block: int) -> Quantized:
@@ -196,12 +259,15 @@ def quantize_int8(w: np.ndarray, block: int) -> Quantized:
     return Quantized(codes, scales, np.full((n, nb), 128, dtype=np.uint8), k, block, bits=8)
 
 
-def stored_bytes(n: int, k: int, block: int, bits: int, symmetric: bool = True, scale_bytes: int = 2) -> int:
-    """Bytes of codes (packed), scales (float16: 2 bytes) and (asymmetric 4-bit) zero points of an ``[N, K]`` weight."""
+def stored_bytes(
+    n: int, k: int, block: int, bits: int, symmetric: bool = True, scale_bytes: int = 2, row_bytes: int = 0
+) -> int:
+    """Bytes of codes (packed), scales (float16: 2 bytes; int8 codes: 1) and (asymmetric 4-bit) zero points
+    of an ``[N, K]`` weight, plus ``row_bytes`` per row (the float16 step of int8 scale codes: 2)."""
     kp = k + (-k) % block
     nb = kp // block
     codes = n * kp * bits // 8
-    return codes + scale_bytes * n * nb + (0 if symmetric or bits == 8 else n * nb)
+    return codes + scale_bytes * n * nb + (0 if symmetric or bits == 8 else n * nb) + row_bytes * n
 
 
 @dataclasses.dataclass
@@ -254,15 +320,19 @@ def gptq(
     damp: float = 0.01,
     act_order: bool = False,
     batch: int = 128,
+    scale_bits: int = 16,
 ) -> Quantized:
     """GPTQ of ``w [N, K]`` given ``h [K, K] = sum X^T X`` over calibration inputs (module docstring).
 
     ``h`` may be a :class:`PreparedHessian` (then ``damp`` and ``act_order`` are those it was made with).
+    ``scale_bits``: 16 (float16 scales) or 8 (int8 codes times a per-row step).
 
     Raises:
-        ValueError: if ``h`` does not match ``K`` or stays singular after damping.
+        ValueError: if ``h`` does not match ``K`` or stays singular after damping, or ``scale_bits`` is not 8 or 16.
     """
+    _check_scale_bits(scale_bits)
     n, k = w.shape
+    step = row_scale_step(w) if scale_bits == 8 else None
     prep = h if isinstance(h, PreparedHessian) else prepare_hessian(h, block, damp, act_order)
     wp = pad_columns(np.asarray(w, dtype=np.float32), block)
     kp = wp.shape[1]
@@ -297,7 +367,7 @@ def gptq(
                 if not inside.all():
                     out = pos[~inside]
                     cur[:, ~inside] = wq[:, out] - err[:, :i] @ u[i1 : i1 + i, out]
-                s, z = block_params(cur, symmetric, clip_search, col_weight[g * block : (g + 1) * block])
+                s, z = block_params(cur, symmetric, clip_search, col_weight[g * block : (g + 1) * block], step)
                 scales[:, g], zeros[:, g] = s, z
                 have[g] = True
             s, z = scales[:, g], zeros[:, g]
@@ -308,7 +378,7 @@ def gptq(
             w1[:, i:] -= np.outer(e, u1[i, i:])
             err[:, i] = e
         wq[:, i2:] -= err @ u[i1:i2, i2:]
-    return Quantized(codes, scales, zeros.astype(np.uint8), k, block)
+    return Quantized(codes, scales, zeros.astype(np.uint8), k, block, scale_step=step)
 
 
 def _inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
