@@ -8,7 +8,6 @@ staged file against the original in onnxruntime -> rename into place only if val
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import os
 import time
@@ -26,9 +25,7 @@ from .graph import Model, unsupported_ops
 from .passes.base import TARGETS, Params, PassContext, PassReport
 from .pipeline import Pipeline
 from .recipes import build_passes, default_tolerances
-from .runner import SplitModel
-from .split import is_split_dir, split_model
-from .validate import Tolerance, ValidationReport, compare
+from .validate import Tolerance, ValidationReport, compare, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +257,8 @@ def compress(
     model = io.load(in_path, max_memory=max_memory)
     check_runnable(model)
     in_size = _model_size(model)
+    # Output parts need the original's graph re-read in validation: only when an output has any.
+    parts = parts and _has_concat_output(model)
     feed_opts = feeds or FeedOptions()
     feed_list, source, labels = resolve_feeds(model, in_path, feed_opts) if validate else ([], "none", None)
     calib_path = Path(calibration) if calibration is not None else feeds_mod.sidecar_calibration(in_path)
@@ -270,11 +269,14 @@ def compress(
     )
     ctx = PassContext(feeds=feed_list, calibration=calib, target=target, exclude=tuple(exclude))
     pass_reports = Pipeline(passes, on_start=lambda p: note(f"running {p.name}")).run(model, ctx)
+    del passes, ctx  # passes may keep per-run state (Hessians, caches): free it before writing
     note(f"writing {out_path.name}")
-    staged = io.stage(model, out_path, external=external_data, force=force, protect=(in_path,))
+    staged = io.stage(model, out_path, external=external_data, force=force, protect=(in_path,), check=False)
     del model
-    gc.collect()  # graphsurgeon graphs hold reference cycles: free the weights before validation
+    release_memory()  # graphsurgeon graphs hold reference cycles: free the weights before validation
     try:
+        io.check_written(staged.path)  # onnx's checker re-reads the file: after the graph is freed
+        release_memory()
         report_v = None
         if validate:
             note("validating in onnxruntime")
@@ -327,6 +329,9 @@ def compress(
             }
     split_info = None
     if split is not None and write:
+        from .runner import SplitModel
+        from .split import split_model
+
         note(f"splitting {out_path.name}")
         split_dir = split.folder(out_path)
         sr = split_model(
@@ -398,7 +403,27 @@ def _use_base(passes: list[Any], base: Path, in_path: Path, out_path: Path) -> N
     if not users:
         raise OnnxCompressError("--base needs -q int8-weights (or int8-weights-qdq): only they reuse a base's symbols")
     for p in users:
+        if p.config.bits != 8 or p.config.bits_by_tensor:
+            raise OnnxCompressError("--base reuses 8-bit symbols: drop --param bits / bits_by_tensor (int8-weights)")
         p.config = dataclasses.replace(p.config, base=str(base))
+
+
+def _has_concat_output(model: Model) -> bool:
+    """Whether a main-graph output is produced by a ``Concat`` (through the ops ``validate`` traces)."""
+    from .validate import PART_CHAIN_OPS
+
+    for out in model.graph.outputs:
+        t = out
+        while t.inputs:  # the producing node, if any
+            node = t.inputs[0]
+            if (node.domain or "") not in ("", "ai.onnx"):
+                break
+            if node.op == "Concat":
+                return len(node.inputs) >= 2
+            if node.op not in PART_CHAIN_OPS or not node.inputs:
+                break
+            t = node.inputs[0]
+    return False
 
 
 def _model_size(model: Model) -> int:
@@ -426,8 +451,12 @@ def validate(
     tols = [Tolerance.parse(t) for t in (tolerances or list(DEFAULT_VALIDATE_TOLERANCES))]
     a = io.load(a_path, max_memory=max_memory)
     check_runnable(a)
+    from .split import is_split_dir
+
     runner = None
     if is_split_dir(b_path):  # a folder written by split: run its parts in turn
+        from .runner import SplitModel
+
         split = SplitModel(b_path)
         signature, runner = split.input_signature(), split.run_many
     else:

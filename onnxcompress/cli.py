@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import api, cli_batch, html_report
+from . import api, cli_batch
 from . import recipe as recipe_mod
 from .cli_diagnose import register as register_diagnose
 from .cli_split import register as register_split
@@ -134,6 +134,8 @@ def _html_outputs(html: Path | None) -> tuple[dict[str, Any], Callable[..., None
     each output's per-sample errors for the report's histograms."""
     if html is None:
         return {}, None
+    from . import html_report  # only for --html: its imports are not paid by other runs
+
     html_report.check_available()
     errors: dict[str, Any] = {}
 
@@ -266,6 +268,8 @@ def validate(
         write_json(r.to_dict(), report)
     if html:
         extra = {"original": original, "candidate": candidate, "errors": errors}
+        from . import html_report
+
         html_report.write_html(html, "validate", r.to_dict(), extra=extra)
     if json_out:
         out.print_json(to_json(r.to_dict()))
@@ -561,6 +565,8 @@ def compress(
         write_json(r.to_dict(), report)
     if html:
         extra = {"original": model, "candidate": output, "errors": errors}
+        from . import html_report
+
         html_report.write_html(html, "compress", r.to_dict(), extra=extra)
     if json_out:
         out.print_json(to_json(r.to_dict()))

@@ -29,6 +29,7 @@ import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -51,6 +52,10 @@ MAX_SUBGRAPH_DEPTH = 64
 MAX_NODES = 5_000_000
 TMP_PREFIX = ".onnxcompress-tmp-"
 _ABS_KEY = "onnxcompress_abs_location"
+# Inline initializers of at least this many bytes are not read at load: their bytes stay in the file
+# and are read when a pass asks for the values (or copied straight to the output when saving).
+LAZY_MIN_BYTES = 4096
+_INLINE_KEY = "onnxcompress_inline"  # marks such a tensor; its value is the file's stat signature
 
 
 def default_max_memory() -> int:
@@ -351,6 +356,22 @@ def resolve_external(tensor: onnx.TensorProto, base_dir: Path) -> tuple[Path, in
     return target, offset, length
 
 
+def _file_signature(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def _check_unchanged(path: Path, signature: str | None) -> None:
+    if signature is None:
+        return
+    try:
+        now = _file_signature(path)
+    except OSError:
+        now = ""
+    if now != signature:
+        raise OnnxCompressError(f"{path} changed or disappeared since the model was loaded: load it again")
+
+
 class ExternalValues(LazyValues):
     """Lazy values read from a checked region of an external-data file, one tensor at a time."""
 
@@ -360,26 +381,47 @@ class ExternalValues(LazyValues):
 
     def load(self) -> np.ndarray:
         """Read the tensor from its file region (never more than ``length`` bytes)."""
-        np_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type))
-        shape = tuple(int(d) for d in self.tensor.dims)
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            if np_dtype.itemsize * int(np.prod(shape, dtype=np.int64)) == self.length and np_dtype.kind in "fiub":
-                arr = np.fromfile(f, dtype=np_dtype.newbyteorder("<"), count=int(np.prod(shape, dtype=np.int64)))
-                return arr.astype(np_dtype, copy=False).reshape(shape)
-            raw = f.read(self.length)
-        proto = onnx.TensorProto()
-        proto.CopyFrom(self.tensor)
-        del proto.external_data[:]
-        proto.data_location = onnx.TensorProto.DEFAULT
-        proto.raw_data = raw
-        return np.array(onnx.numpy_helper.to_array(proto))
+        return _read_region(self.tensor, self.path, self.offset, self.length)
+
+
+class InlineValues(LazyValues):
+    """Lazy values of an initializer stored inside the ``.onnx`` file itself (see ``LAZY_MIN_BYTES``):
+    read from the file region of its ``raw_data`` when first needed. Refuses to read if the file
+    changed since it was loaded."""
+
+    def __init__(self, tensor: onnx.TensorProto, path: Path, offset: int, length: int, signature: str) -> None:
+        super().__init__(tensor)
+        self.path, self.offset, self.length, self.signature = path, offset, length, signature
+
+    def load(self) -> np.ndarray:
+        """Read the tensor from its file region."""
+        _check_unchanged(self.path, self.signature)
+        return _read_region(self.tensor, self.path, self.offset, self.length)
+
+
+def _read_region(tensor: onnx.TensorProto, path: Path, offset: int, length: int) -> np.ndarray:
+    """A tensor's values from ``length`` bytes at ``offset`` of ``path`` (its ``raw_data`` layout)."""
+    np_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    shape = tuple(int(d) for d in tensor.dims)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        if np_dtype.itemsize * int(np.prod(shape, dtype=np.int64)) == length and np_dtype.kind in "fiub":
+            arr = np.fromfile(f, dtype=np_dtype.newbyteorder("<"), count=int(np.prod(shape, dtype=np.int64)))
+            return arr.astype(np_dtype, copy=False).reshape(shape)
+        raw = f.read(length)
+    proto = onnx.TensorProto()
+    proto.CopyFrom(tensor)
+    del proto.external_data[:]
+    proto.data_location = onnx.TensorProto.DEFAULT
+    proto.raw_data = raw
+    return np.array(onnx.numpy_helper.to_array(proto))
 
 
 def read_external_bytes(tensor: onnx.TensorProto, chunk: int = 64 * 2**20) -> Iterator[bytes]:
     """Stream the bytes of a loaded external tensor (one whose location was resolved at load)."""
     info = _external_info(tensor)
     path = info[_ABS_KEY] if _ABS_KEY in info else info["location"]
+    _check_unchanged(Path(path), info.get(_INLINE_KEY))
     offset, length = int(info.get("offset", "0")), int(info["length"])
     with open(path, "rb") as f:
         f.seek(offset)
@@ -408,11 +450,154 @@ def _check_file(path: Path) -> None:
         raise OnnxCompressError(f"{path} is over 2 GB; protobuf cannot parse it: save the model with external data")
 
 
-def read_proto(path: str | os.PathLike[str], max_memory: int | None = None) -> onnx.ModelProto:
+class _NotPlain(Exception):
+    """The file's wire layout is not the plain one :func:`_skeleton` handles (parse it whole)."""
+
+
+def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _NotPlain
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _fields(buf: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """``(field, wire type, start, payload start, end)`` of each field of the message in ``[pos, end)``."""
+    while pos < end:
+        start = pos
+        key, pos = _varint(buf, pos, end)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, stop = _varint(buf, pos, end)
+        elif wire == 1:
+            stop = pos + 8
+        elif wire == 5:
+            stop = pos + 4
+        elif wire == 2:
+            length, pos = _varint(buf, pos, end)
+            stop = pos + length
+        else:  # groups: not in ONNX
+            raise _NotPlain
+        if stop > end or field == 0:
+            raise _NotPlain
+        yield field, wire, start, pos, stop
+        pos = stop
+
+
+def _skeleton(buf: memoryview) -> tuple[bytes, list[tuple[int, int] | None]]:
+    """The model's bytes without the ``raw_data`` payloads of its large main-graph initializers.
+
+    Returns the skeleton and, per main-graph initializer in order, the ``(offset, length)`` of the
+    payload left in the file (``None`` for one kept whole).
+
+    Raises:
+        _NotPlain: the layout is not the plain one (one graph field, one ``raw_data`` per tensor, ...).
+    """
+    out = bytearray()
+    spans: list[tuple[int, int] | None] = []
+    graphs = 0
+    for field, wire, start, body, stop in _fields(buf, 0, len(buf)):
+        if field == 7 and wire == 2:  # ModelProto.graph
+            graphs += 1
+            if graphs > 1:
+                raise _NotPlain
+            graph = bytearray()
+            for g_field, g_wire, g_start, g_body, g_stop in _fields(buf, body, stop):
+                if g_field == 5 and g_wire == 2:  # GraphProto.initializer
+                    tensor, span = _tensor_skeleton(buf, g_body, g_stop)
+                    spans.append(span)
+                    graph += buf[g_start:g_body] if span is None else _encode_varint(5 << 3 | 2)
+                    graph += buf[g_body:g_stop] if span is None else _encode_varint(len(tensor)) + tensor
+                else:
+                    graph += buf[g_start:g_stop]
+            out += _encode_varint(7 << 3 | 2) + _encode_varint(len(graph)) + graph
+        else:
+            out += buf[start:stop]
+    return bytes(out), spans
+
+
+def _tensor_skeleton(buf: memoryview, pos: int, end: int) -> tuple[bytes, tuple[int, int] | None]:
+    """A TensorProto's bytes without a large ``raw_data`` (field 9) and the payload's place."""
+    raw: tuple[int, int, int] | None = None
+    for field, wire, start, body, stop in _fields(buf, pos, end):
+        if field == 9:
+            if raw is not None or wire != 2:
+                raise _NotPlain
+            raw = (start, body, stop)
+        elif field in (13, 14):  # external_data, data_location: leave such tensors to the checks
+            return b"", None
+    if raw is None or raw[2] - raw[1] < LAZY_MIN_BYTES:
+        return b"", None
+    start, body, stop = raw
+    return bytes(buf[pos:start]) + bytes(buf[stop:end]), (body, stop - body)
+
+
+def _parse_lazily(path: Path) -> tuple[onnx.ModelProto, list[tuple[int, int] | None]] | None:
+    """Parse ``path`` leaving the large inline initializers' bytes in the file, or None when its
+    layout is not plain (then the caller parses it whole)."""
+    if ":" in path.name or path.is_symlink() or path.resolve().parent != path.parent.resolve():
+        return None  # an external-data location could not name it (checked like any other)
+    with open(path, "rb") as f:
+        try:
+            import mmap
+
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                view = memoryview(m)
+                try:
+                    data, spans = _skeleton(view)
+                finally:
+                    view.release()
+        except (_NotPlain, ValueError, OSError):
+            return None
+    if not any(spans):
+        return None
+    model = onnx.ModelProto()
+    model.ParseFromString(data)
+    if len(model.graph.initializer) != len(spans):
+        return None
+    return model, spans
+
+
+def _mark_lazy(model: onnx.ModelProto, path: Path, spans: list[tuple[int, int] | None]) -> None:
+    """Declare each cut initializer as external data in ``path`` (checked then like any other)."""
+    for tensor, span in zip(model.graph.initializer, spans):
+        if span is None:
+            continue
+        try:
+            ok = tensor.data_type != onnx.TensorProto.STRING and declared_nbytes(tensor) == span[1]
+        except OnnxCompressError:
+            ok = False
+        if not ok:  # let the checks refuse it with the inline tensor's message
+            raise _NotPlain
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        _set_external_info(tensor, {"location": path.name, "offset": span[0], "length": span[1]})
+
+
+def read_proto(path: str | os.PathLike[str], max_memory: int | None = None, *, lazy: bool = False) -> onnx.ModelProto:
     """Parse and check a model file without reading external data.
 
     External-data references are checked (see module docstring) and their ``location`` is resolved
     to the checked absolute path, kept in a private key for lazy reading.
+
+    With ``lazy``, the ``raw_data`` of main-graph initializers of at least ``LAZY_MIN_BYTES`` is not
+    read either: such a tensor is declared as external data in the model file itself (marked with a
+    private key holding the file's stat signature), so the parsed proto holds the graph, not the
+    weights (see :class:`InlineValues`).
 
     Raises:
         OnnxCompressError: on any unreadable, malformed or unsafe model.
@@ -421,9 +606,22 @@ def read_proto(path: str | os.PathLike[str], max_memory: int | None = None) -> o
     _check_file(path)
     budget = max_memory if max_memory is not None else default_max_memory()
     model = onnx.ModelProto()
+    spans: list[tuple[int, int] | None] = []
     try:
-        with open(path, "rb") as f:
-            model.ParseFromString(f.read())
+        parsed = None
+        if lazy:
+            try:
+                signature = _file_signature(path)
+                parsed = _parse_lazily(path)
+                if parsed is not None:
+                    _mark_lazy(*parsed[:1], path, parsed[1])
+            except _NotPlain:
+                parsed = None
+        if parsed is not None:
+            model, spans = parsed
+        else:
+            with open(path, "rb") as f:
+                model.ParseFromString(f.read())
     except DecodeError:
         raise OnnxCompressError(f"{path} is not a valid ONNX model (truncated or not a protobuf file)") from None
     except (OSError, RuntimeError, ValueError) as exc:
@@ -476,6 +674,9 @@ def read_proto(path: str | os.PathLike[str], max_memory: int | None = None) -> o
             f"model refused: its tensors declare {total / 2**30:.1f} GiB, over the memory budget of "
             f"{budget / 2**30:.1f} GiB (raise it with --max-memory)"
         )
+    for tensor, span in zip(model.graph.initializer, spans):
+        if span is not None:
+            tensor.external_data.add(key=_INLINE_KEY, value=signature)
     return model
 
 
@@ -484,11 +685,16 @@ def _attach_external_values(graph: gs.Graph) -> None:
 
     def fix(const: gs.Constant) -> None:
         values = const._values
-        if isinstance(values, LazyValues) and not isinstance(values, ExternalValues):
+        if isinstance(values, LazyValues) and not isinstance(values, (ExternalValues, InlineValues)):
             proto = values.tensor
             if isinstance(proto, onnx.TensorProto) and proto.data_location == onnx.TensorProto.EXTERNAL:
                 info = _external_info(proto)
-                const._values = ExternalValues(proto, Path(info[_ABS_KEY]), int(info["offset"]), int(info["length"]))
+                where = (Path(info[_ABS_KEY]), int(info["offset"]), int(info["length"]))
+                if _INLINE_KEY in info:
+                    const._values = InlineValues(proto, *where, info[_INLINE_KEY])
+                    const.data_location = None  # stored inline: new values are written inline too
+                else:
+                    const._values = ExternalValues(proto, *where)
 
     for g in iter_graphs(graph):
         for t in g.tensors().values():
@@ -515,7 +721,10 @@ def from_proto(proto: onnx.ModelProto, path: Path | None = None) -> Model:
         "model_version": proto.model_version,
         "domain": proto.domain,
     }
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_model_tensors(proto))
+    external = any(
+        t.data_location == onnx.TensorProto.EXTERNAL and _INLINE_KEY not in _external_info(t)
+        for t in iter_model_tensors(proto)
+    )
     return Model(graph=graph, path=path, ir_version=proto.ir_version, metadata=metadata, external_data=external)
 
 
@@ -530,7 +739,7 @@ def load(path: str | os.PathLike[str], *, max_memory: int | None = None) -> Mode
         OnnxCompressError: the file is missing, not ONNX, truncated, or unsafe.
     """
     path = Path(path)
-    proto = read_proto(path, max_memory=max_memory)
+    proto = read_proto(path, max_memory=max_memory, lazy=True)
     return from_proto(proto, path=path)
 
 
@@ -559,7 +768,12 @@ class _Exporter:
         if not isinstance(t._values, LazyValues) and np.asarray(t._values).dtype.kind in "OSU":
             # graphsurgeon writes raw_data, which cannot hold strings
             return onnx.numpy_helper.from_array(np.asarray(t._values, dtype=object), t.name)
-        return self._gs.export_tensor_proto(t)
+        proto = self._gs.export_tensor_proto(t)
+        if proto.data_location == onnx.TensorProto.EXTERNAL and proto.HasField("raw_data"):
+            # new values of a constant that was loaded from external data: they are inline now
+            proto.ClearField("data_location")
+            del proto.external_data[:]
+        return proto
 
     def graph(self, graph: gs.Graph, do_type_check: bool, initializers: bool = True) -> onnx.GraphProto:
         ex = self._gs
@@ -634,6 +848,21 @@ def export_model(model: Model, stub_bytes: int | None = None, type_check: bool =
 
 
 def _export_model(model: Model, stub_bytes: int | None, type_check: bool) -> onnx.ModelProto:
+    proto, initializers = _export_split(model, stub_bytes, type_check)
+    # The main graph's tensors go straight into the model, one at a time: building them into the
+    # GraphProto first would hold the weights twice (make_graph and make_model both copy).
+    for tensor in initializers:
+        proto.graph.initializer.append(tensor)
+    return proto
+
+
+def _export_split(
+    model: Model, stub_bytes: int | None, type_check: bool
+) -> tuple[onnx.ModelProto, Iterator[onnx.TensorProto]]:
+    """The ModelProto without the main graph's initializers, and those built one at a time.
+
+    A tensor whose values are still lazy is the loader's own proto (shared: copy it before changing it).
+    """
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
 
     graph = model.graph
@@ -643,10 +872,6 @@ def _export_model(model: Model, stub_bytes: int | None, type_check: bool) -> onn
     functions = [OnnxExporter.export_function(f) for f in graph.functions]
     proto = onnx.helper.make_model(graph_proto, opset_imports=update_import_domains(graph), functions=functions)
     del graph_proto
-    # The main graph's tensors go straight into the model, one at a time: building them into the
-    # GraphProto first would hold the weights twice (make_graph and make_model both copy).
-    for tensor in exporter.initializers(graph):
-        proto.graph.initializer.append(tensor)
     proto.producer_name = graph.producer_name or "onnxcompress"
     proto.producer_version = graph.producer_version or ""
     if model.ir_version:
@@ -658,7 +883,7 @@ def _export_model(model: Model, stub_bytes: int | None, type_check: bool) -> onn
     proto.doc_string = meta.get("doc_string", "") or ""
     proto.model_version = int(meta.get("model_version", 0) or 0)
     proto.domain = meta.get("domain", "") or ""
-    return proto
+    return proto, exporter.initializers(graph)
 
 
 # --------------------------------------------------------------------------- save
@@ -719,12 +944,19 @@ def _inline_external(proto: onnx.ModelProto) -> None:
             t.data_location = onnx.TensorProto.DEFAULT
 
 
-def _write_external(proto: onnx.ModelProto, data_path: Path) -> None:
-    """Move every tensor of at least EXTERNAL_MIN_BYTES into ``data_path``, streaming."""
+def _write_external(proto: onnx.ModelProto, data_path: Path, first: Iterable[onnx.TensorProto] = ()) -> None:
+    """Move every tensor of at least EXTERNAL_MIN_BYTES into ``data_path``, streaming.
+
+    ``first``: main-graph initializers not yet in ``proto`` (see :func:`_export_split`), written
+    first, one at a time, then added to ``proto`` without their data.
+    """
     location = data_path.name
     offset = 0
+    done: list[onnx.TensorProto] = []
     with open(data_path, "wb") as f:
-        for t in iter_model_tensors(proto):
+
+        def put(t: onnx.TensorProto) -> None:
+            nonlocal offset
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 pad = (-offset) % 64
                 f.write(b"\0" * pad)
@@ -741,12 +973,96 @@ def _write_external(proto: onnx.ModelProto, data_path: Path) -> None:
                 f.write(t.raw_data)
                 t.ClearField("raw_data")
             else:
-                continue
+                return
             _set_external_info(t, {"location": location, "offset": offset, "length": length})
             t.data_location = onnx.TensorProto.EXTERNAL
             offset += length
+
+        for t in first:
+            if t.data_location == onnx.TensorProto.EXTERNAL:  # the loaded model's own proto: copy it
+                copy = onnx.TensorProto()
+                copy.CopyFrom(t)
+                t = copy
+            put(t)
+            done.append(t)
+        for t in iter_model_tensors(proto):
+            put(t)
         f.flush()
         os.fsync(f.fileno())
+    proto.graph.initializer.extend(done)
+
+
+def _write_initializer(f: BinaryIO, t: onnx.TensorProto) -> int:
+    """Write ``t`` as a ``GraphProto.initializer`` field (its data inline); returns the bytes written.
+
+    An external (or lazily loaded) tensor's bytes are copied from its file in blocks, never whole.
+    """
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        body = t.SerializeToString()
+        prefix = _encode_varint(5 << 3 | 2) + _encode_varint(len(body))
+        f.write(prefix)
+        f.write(body)
+        return len(prefix) + len(body)
+    info = _external_info(t)
+    length = int(info["length"])
+    header = onnx.TensorProto()
+    header.CopyFrom(t)
+    del header.external_data[:]
+    if _INLINE_KEY in info:
+        header.ClearField("data_location")  # as it was in the file it came from
+    else:
+        header.data_location = onnx.TensorProto.DEFAULT
+    head = header.SerializeToString() + _encode_varint(9 << 3 | 2) + _encode_varint(length)
+    prefix = _encode_varint(5 << 3 | 2) + _encode_varint(len(head) + length)
+    f.write(prefix + head)
+    written = 0
+    for block in read_external_bytes(t):
+        f.write(block)
+        written += len(block)
+    if written != length:
+        raise OnnxCompressError(f"external data of tensor {t.name!r} ended early")
+    return len(prefix) + len(head) + length
+
+
+def _write_streamed(proto: onnx.ModelProto, initializers: Iterable[onnx.TensorProto], path: Path) -> None:
+    """Write ``proto`` plus the main-graph ``initializers`` to ``path`` without ever holding the
+    weights in a protobuf message or a serialized copy: the initializers are written one at a time
+    to a side file, then the model's fields, the graph's fields and the side file are concatenated
+    (the initializers come last inside the graph field; protobuf fields may come in any order).
+    ``proto`` loses its graph.
+    """
+    side_path = path.with_name(path.name + ".initializers")
+    with open(side_path, "w+b") as side:
+        inits = sum(_write_initializer(side, t) for t in initializers)
+        try:
+            graph = proto.graph.SerializeToString()
+            proto.ClearField("graph")
+            head = proto.SerializeToString()
+        except ValueError:
+            raise OnnxCompressError("model is over 2 GB: save it with external data (--external-data)") from None
+        size = len(graph) + inits
+        field = _encode_varint(7 << 3 | 2) + _encode_varint(size)
+        if len(head) + len(field) + size > PROTOBUF_LIMIT:
+            raise OnnxCompressError("model is over 2 GB: save it with external data (--external-data)")
+        with open(path, "wb") as f:
+            f.write(head)
+            f.write(field)
+            f.write(graph)
+            del graph
+            side.seek(0)
+            shutil.copyfileobj(side, f, 16 * 2**20)
+            f.flush()
+            os.fsync(f.fileno())
+    side_path.unlink()
+
+
+def check_written(path: str | os.PathLike[str]) -> None:
+    """Run onnx's checker on a written (or staged) model file; see :func:`stage` (``check=False``).
+
+    Raises:
+        OnnxCompressError: the file is not valid ONNX.
+    """
+    _check_written(Path(path))
 
 
 def _check_written(path: Path) -> None:
@@ -853,6 +1169,8 @@ def stage(
     force: bool = False,
     protect: tuple[Path, ...] = (),
     check: bool = True,
+    type_check: bool = True,
+    extra_outputs: Iterable[str] = (),
 ) -> StagedModel:
     """Write ``model`` into a temp folder next to ``out`` (see :class:`StagedModel`).
 
@@ -864,12 +1182,30 @@ def stage(
         force: Allow replacing an existing output file.
         protect: Paths that must never be written (the input model).
         check: Run onnx's checker on the written file (off only for internal scratch models).
+        type_check: Require dtypes on the graph's inputs and outputs (a :class:`Model`).
+        extra_outputs: Names of tensors to add as graph outputs, without a type (a :class:`Model`;
+            scratch models that read activations, see ``passes.calibrate``).
+
+    A :class:`Model` is written without building its weights into one protobuf message: the
+    main graph's initializers are exported and written one at a time (see ``_write_streamed``).
     """
     out = Path(out)
     check_output_path(out, force=force, protect=protect)
+    streamed = isinstance(model, Model)
+    initializers: Iterable[onnx.TensorProto] = ()
     try:
-        proto = export_model(model) if isinstance(model, Model) else model
-    except (ValueError, TypeError, KeyError, UnboundLocalError, AttributeError) as exc:
+        if isinstance(model, Model):
+            # The main graph's initializers are built one at a time while they are written.
+            proto, built = _export_split(model, None, type_check)
+            existing = {o.name for o in proto.graph.output}
+            for name in dict.fromkeys(extra_outputs):
+                if name not in existing:
+                    proto.graph.output.append(onnx.ValueInfoProto(name=name))
+            initializers = _export_errors(built, out)
+            pending_bytes, pending_sources = _pending_initializers(model)
+        else:
+            proto, pending_bytes, pending_sources = model, 0, set()
+    except (ValueError, TypeError, KeyError, UnboundLocalError, AttributeError, UnicodeDecodeError) as exc:
         # graphsurgeon's exporter fails on some malformed inputs that loading let through
         raise OnnxCompressError(f"cannot write {out.name}: the model cannot be exported ({exc})") from None
     data_name = out.name + ".data"
@@ -877,10 +1213,10 @@ def stage(
         # An existing output (or the input) may still read OUT.data: never overwrite it in place
         # (see StagedModel.commit).
         data_name = f"{out.name}.{secrets.token_hex(4)}.data"
-    sources = _source_files(proto)
+    sources = _source_files(proto) | pending_sources
     if external is None:
         from_external = isinstance(model, Model) and model.external_data
-        external = from_external or _total_bytes(proto) > AUTO_EXTERNAL_BYTES
+        external = from_external or _total_bytes(proto) + pending_bytes > AUTO_EXTERNAL_BYTES
     clean_stale_temp(out.parent)
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", dir=out.parent))
@@ -889,21 +1225,25 @@ def stage(
     files = [out.name]
     try:
         if external:
-            _write_external(proto, tmpdir / data_name)
+            _write_external(proto, tmpdir / data_name, first=initializers)
             files.append(data_name)
         else:
             _inline_external(proto)
-        try:
-            data = proto.SerializeToString()
-        except ValueError:
-            data = b""
-        if not data or len(data) > PROTOBUF_LIMIT:
-            raise OnnxCompressError("model is over 2 GB: save it with external data (--external-data)")
-        with open(tmpdir / out.name, "wb") as f:
-            f.write(data)
-            del data
-            f.flush()
-            os.fsync(f.fileno())
+        if streamed and not external:
+            _write_streamed(proto, initializers, tmpdir / out.name)
+        else:
+            try:
+                data = proto.SerializeToString()
+            except ValueError:
+                data = b""
+            if not data or len(data) > PROTOBUF_LIMIT:
+                raise OnnxCompressError("model is over 2 GB: save it with external data (--external-data)")
+            with open(tmpdir / out.name, "wb") as f:
+                f.write(data)
+                del data
+                f.flush()
+                os.fsync(f.fileno())
+        del proto  # the checker below reads the file: do not hold the model twice
         if check:
             _check_written(tmpdir / out.name)
     except OSError as exc:
@@ -914,6 +1254,31 @@ def stage(
         raise
     keep = tuple(sources) + tuple(Path(p) for p in protect if p)
     return StagedModel(out, tmpdir, files, keep=keep)
+
+
+def _export_errors(tensors: Iterator[onnx.TensorProto], out: Path) -> Iterator[onnx.TensorProto]:
+    """``tensors``, with graphsurgeon's export errors turned into OnnxCompressError."""
+    try:
+        yield from tensors
+    except (ValueError, TypeError, KeyError, UnboundLocalError, AttributeError, UnicodeDecodeError) as exc:
+        raise OnnxCompressError(f"cannot write {out.name}: the model cannot be exported ({exc})") from None
+
+
+def _pending_initializers(model: Model) -> tuple[int, set[Path]]:
+    """Bytes of the main graph's initializers and the files the lazy ones are read from."""
+    graph = model.graph
+    inputs = {t.name for t in graph.inputs}
+    total, files = 0, set()
+    for t in constant_placement(graph).get(id(graph), []):
+        if t.name in inputs:
+            continue
+        values = t._values
+        if isinstance(values, (ExternalValues, InlineValues)):
+            total += values.length
+            files.add(values.path)
+        else:
+            total += tensor_nbytes(t)
+    return total, files
 
 
 def save(

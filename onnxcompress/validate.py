@@ -16,6 +16,21 @@ Per output, over all feeds (``a`` = original, ``b`` = candidate, ``d = b - a``):
 With labels, ``accuracy`` of both models (argmax over the last axis of the label output) and
 ``accuracy_drop`` (original - candidate) are reported.
 
+**Running.** The two models run one after the other, each session dropped before the next is
+opened, so one model's weights and activations are in memory at a time. A feed of many samples runs
+in slices of ``VALIDATION_ROWS`` along the batch axis when the original has at least
+``SLICE_MIN_BYTES``, the model declares a batch axis (every input and output shares one symbolic
+first dimension that does not read as a sequence axis, see ``batch_rows``) and has no op that
+couples the samples of a run (``BATCH_COUPLED_OPS``: dynamic quantization scales its activations
+over the whole run); the slices' outputs are concatenated, so the metrics are those of the whole
+feed. For such an original both sessions are also opened without onnxruntime's constant folding
+and layout optimisations (``make_session(..., fold=False)``; small models keep the defaults, which
+run convolutions faster): the candidate's compressed weights are dequantized at each run
+instead of being kept in float32 beside the compressed copy (up to 4x the compressed bytes), and the
+original gets the same settings so that both run the same kernels. A large inline original runs from
+an external-data copy written beside the candidate (``EXTERNAL_COPY_BYTES``; onnxruntime holds an
+inline model's weights twice while it opens it).
+
 **Output parts.** When a graph output is produced by a ``Concat`` (directly or through ``Identity``,
 ``Transpose``, ``Reshape``, ``Flatten``, ``Squeeze``, ``Unsqueeze``), e.g. a detector head
 ``Concat(boxes in pixels, sigmoid scores)``, the whole-output cosine is dominated by the large part and
@@ -37,11 +52,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import operator
 import os
 import re
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -434,6 +452,19 @@ def _locate_parts(chain: _Chain, in_shapes: list[list[int]], out_shape: tuple[in
     return parts
 
 
+def _drop_weights(proto: Any, keep_bytes: int = 4096) -> None:
+    """Replace the data of the main graph's large initializers by an external-data declaration: the
+    part finder needs the graph and the shapes, not the weights (shape inference reads only dims)."""
+    import onnx
+
+    for t in proto.graph.initializer:
+        if t.HasField("raw_data") and len(t.raw_data) > keep_bytes:
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            del t.external_data[:]
+            t.external_data.add(key="location", value="__onnxcompress_dropped__")
+
+
 class _PartFinder:
     """Finds the concatenated parts of the original's outputs, once per distinct input shape."""
 
@@ -442,6 +473,7 @@ class _PartFinder:
 
         self.path = original
         self.proto = onnx.load(str(original), load_external_data=False)
+        _drop_weights(self.proto)
         self.chains = _concat_chains(self.proto)
         self._cache: dict[tuple[Any, ...], dict[str, list[_Part] | str]] = {}
 
@@ -544,8 +576,19 @@ def _accuracy(outputs: list[np.ndarray], labels: np.ndarray) -> float:
 # --------------------------------------------------------------------------- running
 
 
-def make_session(path: str | Path, threads: int = 0) -> Any:
+def make_session(path: str | Path, threads: int = 0, fold: bool = True) -> Any:
     """An onnxruntime CPU session opened from a file path.
+
+    Args:
+        path: The model file.
+        threads: Intra-op threads (0: ``ONNXCOMPRESS_THREADS`` or onnxruntime's default).
+        fold: Let onnxruntime fold constant subgraphs and apply its layout optimisations at load
+            (its default, ``ORT_ENABLE_ALL``). Without (``ORT_ENABLE_EXTENDED`` less
+            ``ConstantFolding``), a compressed weight's ``DequantizeLinear``/``Cast`` runs at each
+            call instead of being kept in float32 beside the compressed copy: the same values, a
+            fraction of the memory (MiniLM int8-weights: +40 MB instead of +190 MB at load; float16
+            weights are expanded by the layout level too). If the model cannot be loaded that way,
+            it is loaded with the defaults.
 
     Raises:
         OnnxCompressError: with onnxruntime's first line when the model cannot be run.
@@ -559,6 +602,22 @@ def make_session(path: str | Path, threads: int = 0) -> Any:
             threads = max(0, int(os.environ.get("ONNXCOMPRESS_THREADS", "0") or 0))
     if threads:
         opts.intra_op_num_threads = threads
+    if not fold:
+        lean = ort.SessionOptions()
+        lean.log_severity_level = 4
+        lean.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        lean.enable_cpu_mem_arena = False  # a run's buffers go back when it ends (MiniLM fp16: -24 MB)
+        if threads:
+            lean.intra_op_num_threads = threads
+        try:
+            return ort.InferenceSession(
+                str(path),
+                sess_options=lean,
+                providers=["CPUExecutionProvider"],
+                disabled_optimizers=["ConstantFolding"],
+            )
+        except Exception:  # onnxruntime raises its own exception types; retried with folding below
+            pass
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
@@ -574,13 +633,101 @@ def _first_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def run_session(session: Any, feeds: list[dict[str, np.ndarray]], label: str) -> dict[str, list[np.ndarray]]:
-    """Run every feed; return ``{output name: [array per feed]}``."""
+# Samples per onnxruntime run in ``compare``: a feed of many samples is run in slices of this many
+# rows along its batch axis (see ``batch_rows``), so the activations in memory are those of a few
+# samples, not of the whole feed (MiniLM, 53 sentences: 150 MB of activations whole, 40 MB by 8).
+VALIDATION_ROWS = 8
+_NOT_BATCH = re.compile(r"seq|len|time|token|step|frame|word|char|width|height", re.IGNORECASE)
+
+
+def batch_rows(session: Any, rows: int = VALIDATION_ROWS) -> int:
+    """``rows`` when ``session``'s model declares a batch axis, else 0 (run feeds whole).
+
+    A batch axis: every input and every output has rank >= 1 and the same *symbolic* first
+    dimension, whose name does not read as a sequence or spatial axis (``seq``, ``len``, ``time``,
+    ...): the first axis then flows from the inputs to the outputs sample by sample.
+    """
+    try:
+        dims = [t.shape[0] if t.shape else None for t in [*session.get_inputs(), *session.get_outputs()]]
+    except Exception:  # onnxruntime raises its own exception types on odd metadata
+        return 0
+    if not dims or not isinstance(dims[0], str) or any(d != dims[0] for d in dims):
+        return 0
+    return 0 if _NOT_BATCH.search(dims[0]) else max(0, int(rows))
+
+
+# Ops whose result for one sample depends on the other samples of the run: a model holding one is
+# run on whole feeds (dynamic quantization computes its activation scale over the whole tensor).
+BATCH_COUPLED_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"})
+
+
+def couples_samples(path: str | Path) -> bool:
+    """Whether the model at ``path`` has an op in ``BATCH_COUPLED_OPS`` (any graph; True if unreadable)."""
+    from .io import read_proto
+
+    try:
+        proto = read_proto(path, lazy=True)
+    except OnnxCompressError:
+        return True
+
+    def walk(nodes: Any) -> bool:
+        for node in nodes:
+            if node.op_type in BATCH_COUPLED_OPS:
+                return True
+            for attr in node.attribute:
+                if (attr.HasField("g") and walk(attr.g.node)) or any(walk(g.node) for g in attr.graphs):
+                    return True
+        return False
+
+    return walk(proto.graph.node) or any(walk(f.node) for f in proto.functions)
+
+
+# Feeds of an original smaller than this run whole: small models have small activations, and many
+# short runs cost more than they save.
+SLICE_MIN_BYTES = 8 * 2**20
+
+
+def _rows_for(session: Any, path: str | Path, original: str | Path) -> int:
+    """Samples per run for ``session`` on the model at ``path`` (0: whole feeds)."""
+    rows = batch_rows(session) if _is_large(original) else 0
+    return 0 if rows and couples_samples(path) else rows
+
+
+def _run_feed(session: Any, names: list[str], feed: dict[str, np.ndarray], rows: int) -> list[Any]:
+    """One feed's outputs, computed in slices of ``rows`` samples when every input shares the first
+    axis (and every output comes back with that axis); the slices' outputs are concatenated."""
+    arrays = list(feed.values())
+    n = arrays[0].shape[0] if arrays and arrays[0].ndim else 0
+    if rows <= 0 or n <= rows or any(a.ndim == 0 or a.shape[0] != n for a in arrays):
+        return session.run(names, feed)
+    pieces: list[list[Any]] = []
+    for r0 in range(0, n, rows):
+        outs = session.run(names, {k: v[r0 : r0 + rows] for k, v in feed.items()})
+        m = min(rows, n - r0)
+        if any(np.ndim(o) == 0 or np.shape(o)[0] != m for o in outs):
+            del pieces
+            return session.run(names, feed)  # an output without the batch axis: run the feed whole
+        pieces.append(outs)
+    return [np.concatenate([p[i] for p in pieces]) for i in range(len(names))]
+
+
+def run_session(
+    session: Any, feeds: list[dict[str, np.ndarray]], label: str, rows: int = 0
+) -> dict[str, list[np.ndarray]]:
+    """Run every feed; return ``{output name: [array per feed]}``.
+
+    Args:
+        session: An onnxruntime session (see :func:`make_session`).
+        feeds: The inputs, one dict per run.
+        label: Names the model in errors (``original``, ``candidate``).
+        rows: If > 0, run each feed in slices of this many samples along the shared first axis and
+            concatenate the outputs (see :func:`batch_rows`); 0 runs each feed whole.
+    """
     names = [o.name for o in session.get_outputs()]
     results: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for i, feed in enumerate(feeds):
         try:
-            outs = session.run(names, feed)
+            outs = _run_feed(session, names, feed, rows)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise OnnxCompressError(
                 f"onnxruntime failed to run the {label} model on feed {i}: {_first_line(exc)}"
@@ -588,6 +735,87 @@ def run_session(session: Any, feeds: list[dict[str, np.ndarray]], label: str) ->
         for n, o in zip(names, outs):
             results[n].append(np.asarray(o))
     return results
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the system (glibc ``malloc_trim``), so that
+    memory freed by one stage (a graph, a session) is not counted again under the next one."""
+    gc.collect()
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
+
+
+# An original with more inline weight bytes than this is run from a scratch copy with external data.
+EXTERNAL_COPY_BYTES = 32 * 2**20
+
+
+@contextlib.contextmanager
+def _session_path(path: str | Path, scratch: str | Path | None) -> Iterator[Path]:
+    """``path``, or a copy of it in ``scratch`` with its weights in an external-data file.
+
+    onnxruntime loads an inline model by parsing the whole protobuf and then copying every weight
+    out of it (about twice the weights' bytes while the session opens); from external data it reads
+    (or maps) each weight once. The copy streams the weights file to file (see ``io.stage``).
+    """
+    path = Path(path)
+    if scratch is None or not path.is_file() or path.stat().st_size < EXTERNAL_COPY_BYTES:
+        yield path
+        return
+    from . import io
+
+    tmp: Path | None = None
+    try:
+        model = io.load(path)
+        if model.external_data:
+            del model
+            yield path
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f"{io.TMP_PREFIX}{os.getpid()}-validate-", dir=scratch))
+        copy = io.stage(model, tmp / path.name, external=True, check=False, protect=(path,)).commit()
+        del model
+    except (OnnxCompressError, OSError):
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        yield path  # the copy is an optimisation: run the file itself
+        return
+    try:
+        yield copy
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_large(original: str | Path) -> bool:
+    """Whether the original has at least ``SLICE_MIN_BYTES``: then feeds are sliced and sessions lean."""
+    try:
+        return Path(original).stat().st_size >= SLICE_MIN_BYTES
+    except OSError:
+        return True
+
+
+def _run_model(
+    path: str | Path, feeds: list[dict[str, np.ndarray]], label: str, scratch: str | Path | None = None
+) -> dict[str, list[np.ndarray]]:
+    """Open a session on ``path``, run the feeds (sliced along a batch axis) and drop the session, so
+    that only one model's weights and activations are in memory at a time. With ``scratch`` (a
+    writable folder), a large inline model runs from an external-data copy written there."""
+    with _session_path(path, scratch) as run_path:
+        session = make_session(run_path, fold=not _is_large(path))  # as the candidate's: the same kernels
+        try:
+            return run_session(session, feeds, label, rows=_rows_for(session, path, path))
+        finally:
+            del session
+            release_memory()
 
 
 def compare(
@@ -626,18 +854,23 @@ def compare(
 
     start = time.perf_counter()
     tols = [t if isinstance(t, Tolerance) else Tolerance.parse(t) for t in tolerances]
-    ref = reference if reference is not None else run_session(make_session(original), feeds, "original")
+    scratch = Path(candidate).parent if candidate_runner is None else None  # beside the candidate: writable
+    ref = reference if reference is not None else _run_model(original, feeds, "original", scratch)
     try:
         if candidate_runner is not None:
             cand = candidate_runner(feeds)
             cand_names = list(cand)
         else:
-            cand_session = make_session(candidate)
+            # Large models: no constant folding, the compressed weights are not materialised in float32.
+            cand_session = make_session(candidate, fold=not _is_large(original))
             cand_names = [o.name for o in cand_session.get_outputs()]
         if cand_names != list(ref):
             raise OnnxCompressError(f"the models' outputs differ: original {list(ref)}, candidate {cand_names}")
         if candidate_runner is None:
-            cand = run_session(cand_session, feeds, "candidate")
+            rows = _rows_for(cand_session, candidate, original)
+            cand = run_session(cand_session, feeds, "candidate", rows=rows)
+            del cand_session  # free its weights before the parts are examined
+            release_memory()
     except OnnxCompressError as exc:
         # The candidate is what is being judged: a candidate onnxruntime cannot run fails validation.
         return ValidationReport(

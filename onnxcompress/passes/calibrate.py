@@ -4,7 +4,8 @@ Passes that need activations (static quantization ranges, GPTQ Hessians, bias co
 reconstruction) open an :class:`ActivationTap` on the model as it is *now* (with any rewrites done
 so far), naming the main-graph tensors they want. The tap writes a scratch copy of the model with
 those tensors added as graph outputs and keeps one onnxruntime session open; ``run(feed)`` returns
-the tensors for one feed. Feeds are streamed one at a time, so memory holds one feed's activations,
+the tensors for one feed. Feeds are streamed one at a time (``iterate`` cuts each into slices of a few
+samples along its batch axis), so memory holds one slice's activations,
 never the whole calibration set's.
 
 Tensors produced inside ``If``/``Loop``/``Scan`` bodies cannot be graph outputs; asking for one is
@@ -20,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from ..errors import OnnxCompressError
 from ..graph import Model
-from ..io import export_model, stage
+from ..io import stage
 from ..validate import make_session
+
+# Samples per onnxruntime run in ActivationTap.iterate: tapping every activation of a whole feed
+# (MiniLM, 64 calibration sentences) would hold hundreds of MB at once.
+CALIBRATION_ROWS = 8
 
 
 def tappable(model: Model) -> set[str]:
@@ -46,23 +50,19 @@ class ActivationTap:
                 acts = tap.run(feed)  # {"conv1_out": array, ...}
     """
 
-    def __init__(self, model: Model, names: Sequence[str], *, threads: int = 0) -> None:
+    def __init__(self, model: Model, names: Sequence[str], *, threads: int = 0, rows: int = CALIBRATION_ROWS) -> None:
         wanted = list(dict.fromkeys(names))
         unknown = [n for n in wanted if n not in tappable(model)]
         if unknown:
             raise OnnxCompressError(f"calibration: tensor {unknown[0]!r} is not an activation of the main graph")
-        proto = export_model(model, type_check=False)
-        existing = {o.name for o in proto.graph.output}
-        self.outputs = [o.name for o in proto.graph.output]
-        for name in wanted:
-            if name not in existing:
-                # No type: onnxruntime infers it (shape inference may not know every tensor).
-                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+        self.outputs = [t.name for t in model.graph.outputs]
         self.names = wanted
+        self.rows = rows if has_batch_axis(model) else 0
         self._dir = Path(tempfile.mkdtemp(prefix="onnxcompress-calib-"))
         try:
-            staged = stage(proto, self._dir / "tap.onnx", check=False)
-            del proto
+            # Written straight from the graph, weights one at a time; the tapped tensors are added as
+            # outputs without a type (onnxruntime infers it; shape inference may not know every one).
+            staged = stage(model, self._dir / "tap.onnx", check=False, type_check=False, extra_outputs=wanted)
             path = staged.commit()
             self._session = make_session(path, threads=threads)
         except BaseException:
@@ -79,9 +79,12 @@ class ActivationTap:
         return dict(zip(self.names, values))
 
     def iterate(self, feeds: Sequence[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-        """``run`` over each feed in turn."""
+        """``run`` over each feed in turn, a feed cut into slices of ``rows`` samples along its batch
+        axis (when the model has one, see :func:`has_batch_axis`): one slice's activations are in
+        memory at a time, so statistics must accumulate over what this yields (ranges, sums)."""
         for feed in feeds:
-            yield self.run(feed)
+            for part in split_feed(feed, self.rows):
+                yield self.run(part)
 
     def close(self) -> None:
         """Drop the session and the scratch copy."""
