@@ -312,6 +312,7 @@ def probe_anchor_python(python: str) -> dict[str, Any]:
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "int8-dynamic@ort": ("int8-dynamic", {"target": "onnxruntime"}),
     "int8-dynamic/row": ("int8-dynamic", {"params": {"activations": "row"}}),
+    "int8-dynamic/row+outliers": ("int8-dynamic", {"params": {"activations": "row", "outliers": "2"}}),
     "int8-dynamic/tensor": ("int8-dynamic", {"params": {"activations": "tensor", "smooth": "0", "gptq": "false"}}),
     "int4-rtn": ("int4", {"params": {"method": "rtn"}}),
     "int4@ort": ("int4", {"target": "onnxruntime"}),
@@ -2156,7 +2157,7 @@ def run_quantization(
 
 
 # Suites with their own script: ``python scripts/bench.py SUITE [its options]`` runs scripts/bench_SUITE.py.
-SUITES = ("split", "batch", "structural", "prune_channels", "transport", "tune")
+SUITES = ("split", "batch", "structural", "prune_channels", "transport", "tune", "tool", "delta")
 
 
 def run_suite(name: str, argv: list[str]) -> int:

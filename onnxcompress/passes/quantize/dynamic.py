@@ -168,6 +168,7 @@ class Int8DynamicPass:
         self._chan_min: dict[str, np.ndarray] = {}
         self._hessians: dict[int, np.ndarray] = {}
         self._prepared: dict[int, PreparedHessian] = {}
+        self._gptq_weights = 0
         self._outliers: dict[int, tuple[gs.Tensor, np.ndarray, np.ndarray]] = {}
         self._outlier_count = 0
         report = PassReport(self.name)
@@ -225,7 +226,7 @@ class Int8DynamicPass:
             nonstandard_ops=nonstandard,
             smoothed_activations=smoothed,
             outlier_channels=self._outlier_count,
-            gptq_weights=len(self._hessians),
+            gptq_weights=self._gptq_weights,
         )
         return report
 
@@ -378,11 +379,14 @@ class Int8DynamicPass:
             if np.all((scale >= 2.0**-14) & (scale <= 60000.0)):
                 half = scale.astype(np.float16)
                 scale = half.astype(np.float32)
-            h = self._hessians.get(id(b))
+            h = self._hessians.pop(id(b), None)
             if h is not None and h.shape[0] == w.shape[0]:
+                self._gptq_weights += 1
                 if id(h) not in self._prepared:  # weights reading one activation share its factorisation
                     self._prepared[id(h)] = prepare_hessian(h, 1, self.config.damp)
                 q = gptq_int8(w, self._prepared[id(h)], scale)
+                if not any(other is h for other in self._hessians.values()):
+                    del self._prepared[id(h)]  # its last reader is done: free the K x K matrices
             else:
                 q = quantize_symmetric(w, scale, 1, QMAX, np.int8)
             weights[key] = _Weight(
