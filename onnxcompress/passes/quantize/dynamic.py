@@ -88,6 +88,7 @@ dequantizing (see ``weights.py``), so the float table is never materialised.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -585,14 +586,7 @@ class Int8DynamicPass:
         """
         src, idx, w_out = outlier
 
-        def v(suffix: str, dtype: type = np.float32) -> gs.Variable:
-            return gs.Variable(fresh_name(names, f"{base}_{suffix}"), dtype=dtype)
-
-        def c(suffix: str, value: np.ndarray) -> gs.Constant:
-            return gs.Constant(fresh_name(names, f"{base}_{suffix}"), value)
-
-        def node(op: str, inputs: list[gs.Tensor], output: gs.Tensor, **attrs: object) -> gs.Node:
-            return gs.Node(op, fresh_name(names, f"{base}_{op}"), attrs=attrs, inputs=inputs, outputs=[output])
+        v, c, node = _builders(names, base)
 
         picked, flat, partial, shaped, shape = (
             v("outlier_channels"),
@@ -633,14 +627,7 @@ class Int8DynamicPass:
             return done[id(a)]
         base = a.name or "activation"
 
-        def v(suffix: str, dtype: type = np.float32) -> gs.Variable:
-            return gs.Variable(fresh_name(names, f"{base}_{suffix}"), dtype=dtype)
-
-        def c(suffix: str, value: np.ndarray) -> gs.Constant:
-            return gs.Constant(fresh_name(names, f"{base}_{suffix}"), value)
-
-        def node(op: str, inputs: list[gs.Tensor], out: gs.Tensor, **attrs: object) -> gs.Node:
-            return gs.Node(op, fresh_name(names, f"{base}_{op}"), attrs=attrs, inputs=inputs, outputs=[out])
+        v, c, node = _builders(names, base)
 
         nodes: list[gs.Node] = []
         if shift is not None:
@@ -730,6 +717,23 @@ def _outlier_channels(amax: np.ndarray, count: int, ratio: float = 4.0) -> np.nd
     floor = ratio * float(np.median(amax))
     top = np.argsort(amax)[::-1][:count]
     return np.sort(top[amax[top] >= floor]).astype(np.int64)
+
+
+def _builders(
+    names: set[str], base: str
+) -> tuple[Callable[..., gs.Variable], Callable[[str, np.ndarray], gs.Constant], Callable[..., gs.Node]]:
+    """Makers of fresh variables, constants and nodes named ``<base>_<suffix>`` (unique in ``names``)."""
+
+    def v(suffix: str, dtype: type = np.float32) -> gs.Variable:
+        return gs.Variable(fresh_name(names, f"{base}_{suffix}"), dtype=dtype)
+
+    def c(suffix: str, value: np.ndarray) -> gs.Constant:
+        return gs.Constant(fresh_name(names, f"{base}_{suffix}"), value)
+
+    def node(op: str, inputs: list[gs.Tensor], output: gs.Tensor, **attrs: object) -> gs.Node:
+        return gs.Node(op, fresh_name(names, f"{base}_{op}"), attrs=attrs, inputs=inputs, outputs=[output])
+
+    return v, c, node
 
 
 def gptq_int8(
