@@ -27,7 +27,7 @@ import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -240,12 +240,12 @@ def _check_graph_refs(graph: onnx.GraphProto, outer: set[str], where: str = "mai
         raise OnnxCompressError("model refused: a name in the model is not valid UTF-8 (corrupted file?)") from None
 
 
-def _uses_default_domain(model: onnx.ModelProto) -> bool:
-    """Whether any node (subgraphs and functions included) is an op of the default ONNX domain."""
+def any_node(model: onnx.ModelProto, predicate: Callable[[onnx.NodeProto], bool]) -> bool:
+    """Whether ``predicate`` holds for any node of ``model`` (subgraphs and functions included)."""
 
     def walk(nodes: Iterable[onnx.NodeProto]) -> bool:
         for node in nodes:
-            if node.domain in ("", "ai.onnx"):
+            if predicate(node):
                 return True
             for attr in node.attribute:
                 if (attr.HasField("g") and walk(attr.g.node)) or any(walk(g.node) for g in attr.graphs):
@@ -253,6 +253,11 @@ def _uses_default_domain(model: onnx.ModelProto) -> bool:
         return False
 
     return walk(model.graph.node) or any(walk(f.node) for f in model.functions)
+
+
+def _uses_default_domain(model: onnx.ModelProto) -> bool:
+    """Whether any node (subgraphs and functions included) is an op of the default ONNX domain."""
+    return any_node(model, lambda node: node.domain in ("", "ai.onnx"))
 
 
 def _count_nodes(graph: onnx.GraphProto) -> int:

@@ -663,23 +663,14 @@ BATCH_COUPLED_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul",
 
 def couples_samples(path: str | Path) -> bool:
     """Whether the model at ``path`` has an op in ``BATCH_COUPLED_OPS`` (any graph; True if unreadable)."""
-    from .io import read_proto
+    from .io import any_node, read_proto
 
     try:
         proto = read_proto(path, lazy=True)
     except OnnxCompressError:
         return True
 
-    def walk(nodes: Any) -> bool:
-        for node in nodes:
-            if node.op_type in BATCH_COUPLED_OPS:
-                return True
-            for attr in node.attribute:
-                if (attr.HasField("g") and walk(attr.g.node)) or any(walk(g.node) for g in attr.graphs):
-                    return True
-        return False
-
-    return walk(proto.graph.node) or any(walk(f.node) for f in proto.functions)
+    return any_node(proto, lambda node: node.op_type in BATCH_COUPLED_OPS)
 
 
 # Feeds of an original smaller than this run whole: small models have small activations, and many
