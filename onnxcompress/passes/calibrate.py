@@ -5,8 +5,12 @@ reconstruction) open an :class:`ActivationTap` on the model as it is *now* (with
 so far), naming the main-graph tensors they want. The tap writes a scratch copy of the model with
 those tensors added as graph outputs and keeps one onnxruntime session open; ``run(feed)`` returns
 the tensors for one feed. Feeds are streamed one at a time (``iterate`` cuts each into slices of a few
-samples along its batch axis), so memory holds one slice's activations,
-never the whole calibration set's.
+samples along its batch axis, as many as keep the tapped tensors of one slice within ``TAP_BYTES``),
+so memory holds one slice's activations, never the whole calibration set's.
+
+Memory: the scratch copy keeps its weights in an external-data file, which onnxruntime maps (the
+weights are in memory once, not parsed out of a protobuf and then copied), and the session has no
+memory arena (a run's buffers are freed when it ends; outputs do not pin arena chunks).
 
 Tensors produced inside ``If``/``Loop``/``Scan`` bodies cannot be graph outputs; asking for one is
 an error (:meth:`ActivationTap.available` tells which names can be tapped).
@@ -14,6 +18,8 @@ an error (:meth:`ActivationTap.available` tells which names can be tapped).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -24,12 +30,17 @@ import numpy as np
 
 from ..errors import OnnxCompressError
 from ..graph import Model
-from ..io import stage
-from ..validate import make_session
+from ..io import load, stage
+from ..validate import release_memory
 
 # Samples per onnxruntime run in ActivationTap.iterate: tapping every activation of a whole feed
 # (MiniLM, 64 calibration sentences) would hold hundreds of MB at once.
 CALIBRATION_ROWS = 8
+# ... fewer when one slice's tapped tensors would exceed this many bytes (MiniLM, every activation
+# of 8 sentences of 38 tokens: 72 MB; int8-static then runs 2 at a time).
+TAP_BYTES = 24 * 2**20
+# A scratch model with more bytes than this runs from an external-data copy.
+EXTERNAL_BYTES = 8 * 2**20
 
 
 def tappable(model: Model) -> set[str]:
@@ -50,7 +61,15 @@ class ActivationTap:
                 acts = tap.run(feed)  # {"conv1_out": array, ...}
     """
 
-    def __init__(self, model: Model, names: Sequence[str], *, threads: int = 0, rows: int = CALIBRATION_ROWS) -> None:
+    def __init__(
+        self,
+        model: Model,
+        names: Sequence[str],
+        *,
+        threads: int = 0,
+        rows: int = CALIBRATION_ROWS,
+        max_bytes: int = TAP_BYTES,
+    ) -> None:
         wanted = list(dict.fromkeys(names))
         unknown = [n for n in wanted if n not in tappable(model)]
         if unknown:
@@ -58,13 +77,15 @@ class ActivationTap:
         self.outputs = [t.name for t in model.graph.outputs]
         self.names = wanted
         self.rows = rows if has_batch_axis(model) else 0
+        self.max_bytes = max_bytes
+        self._row_bytes: dict[tuple[Any, ...], int] = {}  # tapped bytes of one sample, per sample shape
         self._dir = Path(tempfile.mkdtemp(prefix="onnxcompress-calib-"))
         try:
             # Written straight from the graph, weights one at a time; the tapped tensors are added as
             # outputs without a type (onnxruntime infers it; shape inference may not know every one).
             staged = stage(model, self._dir / "tap.onnx", check=False, type_check=False, extra_outputs=wanted)
-            path = staged.commit()
-            self._session = make_session(path, threads=threads)
+            path = _external_copy(staged.commit())
+            self._session = _session(path, threads)
         except BaseException:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
@@ -79,23 +100,106 @@ class ActivationTap:
         return dict(zip(self.names, values))
 
     def iterate(self, feeds: Sequence[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-        """``run`` over each feed in turn, a feed cut into slices of ``rows`` samples along its batch
-        axis (when the model has one, see :func:`has_batch_axis`): one slice's activations are in
-        memory at a time, so statistics must accumulate over what this yields (ranges, sums)."""
+        """``run`` over each feed in turn, a feed cut into slices of at most ``rows`` samples along its
+        batch axis (when the model has one, see :func:`has_batch_axis`), fewer when the tapped
+        tensors of ``rows`` samples would exceed ``max_bytes`` (see :meth:`slice_rows`): one
+        slice's activations are in memory at a time, so statistics must accumulate over what this
+        yields (ranges, sums)."""
         for feed in feeds:
-            for part in split_feed(feed, self.rows):
+            for part in split_feed(feed, self.slice_rows(feed)):
                 yield self.run(part)
+                trim_heap()  # the slice's outputs and the consumer's temporaries are freed by now
+
+    def slice_rows(self, feed: dict[str, np.ndarray]) -> int:
+        """Samples per run for ``feed``: ``rows``, or fewer so that one run's tapped tensors stay
+        within ``max_bytes`` (measured on the feed's first sample, run once more on its own)."""
+        if self.rows <= 1 or self.max_bytes <= 0:
+            return self.rows
+        probe = next(split_feed(feed, 1))
+        if probe is feed:  # not splittable (or a single sample): run whole
+            return self.rows
+        key = tuple((k, v.shape[1:], v.dtype.str) for k, v in feed.items())  # feeds of one sample shape
+        if key not in self._row_bytes:
+            self._row_bytes[key] = sum(np.asarray(v).nbytes for v in self.run(probe).values())
+        return max(1, min(self.rows, self.max_bytes // max(self._row_bytes[key], 1)))
 
     def close(self) -> None:
-        """Drop the session and the scratch copy."""
+        """Drop the session and the scratch copy, and hand the freed memory back (see
+        :func:`~onnxcompress.validate.release_memory`)."""
         self._session = None
         shutil.rmtree(self._dir, ignore_errors=True)
+        release_memory()
 
     def __enter__(self) -> ActivationTap:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+_MALLOC_TRIM: Any = None
+
+
+def trim_heap() -> None:
+    """Hand the free pages of the C heap back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    onnxruntime's outputs and numpy temporaries of a few MB are carved from the heap once glibc's
+    dynamic mmap threshold has risen; freed, they stay resident between live blocks. Trimming after
+    each calibration slice keeps that from accumulating (MiniLM, int8-dynamic: -45 MB).
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+def _external_copy(path: Path) -> Path:
+    """The scratch model at ``path`` rewritten with its weights in an external-data file (onnxruntime
+    maps them instead of copying them out of a parsed protobuf), or ``path`` itself when it holds
+    little weight data. The rewrite loads the scratch file afresh: staging the pass's own graph with
+    external data would move the small weights of its loaded tensors to the scratch file."""
+    if path.stat().st_size < EXTERNAL_BYTES:
+        return path
+    try:
+        scratch = load(path)
+        copy = stage(
+            scratch, path.with_name("tap-external.onnx"), external=True, check=False, type_check=False
+        ).commit()
+    except Exception:  # noqa: BLE001 - the copy is an optimisation: onnxruntime can read the inline file
+        return path
+    finally:
+        scratch = None
+    path.unlink()
+    return copy
+
+
+def _session(path: Path, threads: int) -> Any:
+    """An onnxruntime CPU session on the tap's scratch copy, without a memory arena."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4  # errors are raised as exceptions
+    if not threads:
+        with contextlib.suppress(ValueError):
+            threads = max(0, int(os.environ.get("ONNXCOMPRESS_THREADS", "0") or 0))
+    if threads:
+        opts.intra_op_num_threads = threads
+    # No arena: a run's buffers go back when it ends, and the tapped outputs handed to numpy do not
+    # pin arena chunks (MiniLM, int8-dynamic's tap: -30 MB). Pre-packing stays on: its kernels are
+    # the ones the activations were always computed with (packed weights are read instead of the
+    # mapped originals, so they cost little more).
+    opts.enable_cpu_mem_arena = False
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxCompressError(f"calibration: onnxruntime cannot load the model: {first[:300]}") from None
 
 
 def require_calibration(feeds: list[dict[str, np.ndarray]] | None, technique: str) -> list[dict[str, np.ndarray]]:

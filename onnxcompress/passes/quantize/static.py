@@ -42,8 +42,10 @@ with a constant operand, other ops and every node inside If/Loop/Scan bodies (th
 be tapped) stay float, with the reason in ``report.skipped``.
 
 Calibration (required): each calibration feed runs once through an :class:`ActivationTap` on the model
-as it is now; every candidate tensor's batch streams into a ``RangeCollector`` (bounded histograms),
-so memory holds one feed's activations.
+as it is now, in slices of a few samples (as many as keep the tapped tensors of one slice within
+``calibrate.TAP_BYTES``); every candidate tensor's slice streams into a ``RangeCollector`` (bounded
+histograms), so memory holds one slice's activations (MiniLM: 152 tensors, 2 sentences per run; peak RSS
+of ``compress`` 2.5x -> 1.85x the fp32 model, the ranges unchanged).
 """
 
 from __future__ import annotations
