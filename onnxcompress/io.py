@@ -984,7 +984,9 @@ def _write_external(proto: onnx.ModelProto, data_path: Path, first: Iterable[onn
             offset += length
 
         for t in first:
-            if t.data_location == onnx.TensorProto.EXTERNAL:  # the loaded model's own proto: copy it
+            if t.data_location == onnx.TensorProto.EXTERNAL or t.HasField("raw_data"):
+                # maybe the loaded model's own proto (a lazily loaded tensor): ``put`` rewrites what it
+                # moves, so it works on a copy and the model can still be saved again
                 copy = onnx.TensorProto()
                 copy.CopyFrom(t)
                 t = copy

@@ -590,6 +590,11 @@ def make_session(path: str | Path, threads: int = 0, fold: bool = True) -> Any:
             weights are expanded by the layout level too). If the model cannot be loaded that way,
             it is loaded with the defaults.
 
+    The intra-op threads do not spin between operators (``session.intra_op.allow_spinning=0``): a
+    spinning pool keeps the cores busy while Python slices and concatenates the feeds between runs,
+    and on a shared or busy machine it competes with the other work for the cores (MiniLM, 7 runs
+    of 8 sentences, 2 threads, a loaded 2-core machine: 1.2 s instead of 1.8 s; the same outputs).
+
     Raises:
         OnnxCompressError: with onnxruntime's first line when the model cannot be run.
     """
@@ -597,6 +602,7 @@ def make_session(path: str | Path, threads: int = 0, fold: bool = True) -> Any:
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # errors are raised as exceptions; keep stderr to one line
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not threads:  # the batch runner gives each worker its share of the cores
         with contextlib.suppress(ValueError):
             threads = max(0, int(os.environ.get("ONNXCOMPRESS_THREADS", "0") or 0))
@@ -607,6 +613,7 @@ def make_session(path: str | Path, threads: int = 0, fold: bool = True) -> Any:
         lean.log_severity_level = 4
         lean.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         lean.enable_cpu_mem_arena = False  # a run's buffers go back when it ends (MiniLM fp16: -24 MB)
+        lean.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             lean.intra_op_num_threads = threads
         try:

@@ -158,6 +158,9 @@ def child(spec: dict[str, Any]) -> None:
     """Imports, RSS after imports, run the tool, peak RSS; writes the JSON result to spec['result']."""
     logging_off = os.environ.setdefault("PYTHONWARNINGS", "ignore")  # noqa: F841
     if spec["kind"] == "ours":
+        if spec.get("env", {}).get("PYTHONPATH"):
+            # an editable install's import hook would win over PYTHONPATH: the baseline must be imported
+            sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
         import numpy  # noqa: F401
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -239,17 +242,33 @@ def _last_child_usage() -> float:
     return used
 
 
-TRANSPORT_SIZE = [False]  # --transport-size: keep compress's default output.transport_bytes coding pass
+# --transport-size: off (every run of ours passes --no-transport-size), on (compress's default:
+# output.transport_bytes is measured, a coding pass), or both (the default runs and the
+# --no-transport-size runs, interleaved).
+TRANSPORT_SIZE = ["off"]
 
 
-def _ours_spec(model: Path, mode: str, out: Path, validate: bool) -> dict[str, Any]:
+def _ours_spec(model: Path, mode: str, out: Path, validate: bool, transport: bool | None = None) -> dict[str, Any]:
     technique, extra = MODES[mode]
     argv = ["compress", str(model), "-o", str(out), "-q", technique, "--force", *extra]
-    if not TRANSPORT_SIZE[0]:
+    if not (TRANSPORT_SIZE[0] != "off" if transport is None else transport):
         argv.append("--no-transport-size")
     if not validate:
         argv.append("--skip-validation")
     return {"kind": "ours", "argv": argv}
+
+
+def _our_variants() -> list[tuple[str, bool, bool]]:
+    """(label suffix, validate, transport size) of ours for the --transport-size setting."""
+    if TRANSPORT_SIZE[0] == "both":
+        return [
+            ("", True, True),
+            (" --no-transport-size", True, False),
+            (" --skip-validation", False, True),
+            (" --skip-validation --no-transport-size", False, False),
+        ]
+    on = TRANSPORT_SIZE[0] == "on"
+    return [("", True, on), (" --skip-validation", False, on)]
 
 
 def _variants(
@@ -265,12 +284,12 @@ def _variants(
     rows: list[tuple[str, str, dict[str, Any], str]] = []
     seen: set[str] = set()
     for mode in modes:
-        rows.append((mode, "ours", _ours_spec(model, mode, out, True), sys.executable))
-        rows.append((mode, "ours --skip-validation", _ours_spec(model, mode, out, False), sys.executable))
+        for suffix, check, transport in _our_variants():
+            rows.append((mode, "ours" + suffix, _ours_spec(model, mode, out, check, transport), sys.executable))
         if baseline:
-            for label, check in (("before", True), ("before --skip-validation", False)):
-                spec = dict(_ours_spec(model, mode, out, check), env={"PYTHONPATH": baseline})
-                rows.append((mode, label, spec, sys.executable))
+            for suffix, check, transport in _our_variants():
+                spec = dict(_ours_spec(model, mode, out, check, transport), env={"PYTHONPATH": baseline})
+                rows.append((mode, "before" + suffix, spec, sys.executable))
         anchor = ANCHOR_OF.get(mode)
         if anchors and anchor and anchor not in seen:
             seen.add(anchor)
@@ -337,8 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-skip-validation", action="store_true", help="only the validating runs of ours")
     parser.add_argument(
         "--transport-size",
-        action="store_true",
-        help="let compress measure output.transport_bytes (its default; off here: a separate coding pass)",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=("off", "on", "both"),
+        help="let compress measure output.transport_bytes (its default; off here: a separate coding pass); "
+        "'both': the runs with and without it, interleaved",
     )
     parser.add_argument(
         "--baseline", help="folder with another onnxcompress package to compare (variants 'before', on PYTHONPATH)"

@@ -265,3 +265,27 @@ def test_replacing_an_external_output_never_overwrites_its_data_in_place(tmp_pat
     oc.save(oc.load(src), out, external=True, force=True)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out.onnx.")] == ["out.onnx.data"]
     assert_equivalent(src, out, [_feed()])
+
+
+def test_staging_with_external_data_leaves_the_loaded_model_savable(tmp_path: Path) -> None:
+    """Staging a loaded model as external data must not rewrite the loader's own small tensors (a
+    2 KB bias is read lazily from the parsed protobuf): the model is saved again afterwards."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((512, 512)).astype(np.float32)
+    b = rng.standard_normal(512).astype(np.float32)  # 2 KB: over EXTERNAL_MIN_BYTES, under the lazy cut
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 512])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 512])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    src = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    model = io.load(src)
+    io.stage(model, tmp_path / "ext.onnx", external=True, check=False).discard()
+    out = io.save(model, tmp_path / "again.onnx")
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    np.testing.assert_array_equal(got["w"], w)
+    np.testing.assert_array_equal(got["b"], b)

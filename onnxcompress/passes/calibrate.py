@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import OnnxCompressError
-from ..graph import Model
-from ..io import load, stage
+from ..graph import Model, constant_bytes
+from ..io import stage
 from ..validate import release_memory
 
 # Samples per onnxruntime run in ActivationTap.iterate: tapping every activation of a whole feed
@@ -39,7 +39,7 @@ CALIBRATION_ROWS = 8
 # ... fewer when one slice's tapped tensors would exceed this many bytes (MiniLM, every activation
 # of 8 sentences of 38 tokens: 72 MB; int8-static then runs 2 at a time).
 TAP_BYTES = 24 * 2**20
-# A scratch model with more bytes than this runs from an external-data copy.
+# A scratch model with more weight bytes than this keeps them in an external-data file.
 EXTERNAL_BYTES = 8 * 2**20
 
 
@@ -83,9 +83,12 @@ class ActivationTap:
         try:
             # Written straight from the graph, weights one at a time; the tapped tensors are added as
             # outputs without a type (onnxruntime infers it; shape inference may not know every one).
-            staged = stage(model, self._dir / "tap.onnx", check=False, type_check=False, extra_outputs=wanted)
-            path = _external_copy(staged.commit())
-            self._session = _session(path, threads)
+            # Over EXTERNAL_BYTES of weights, they go to an external-data file that onnxruntime maps.
+            external = constant_bytes(model.graph) >= EXTERNAL_BYTES
+            staged = stage(
+                model, self._dir / "tap.onnx", external=external, check=False, type_check=False, extra_outputs=wanted
+            )
+            self._session = _session(staged.commit(), threads)
         except BaseException:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
@@ -157,26 +160,6 @@ def trim_heap() -> None:
             _MALLOC_TRIM = False
     if _MALLOC_TRIM:
         _MALLOC_TRIM(0)
-
-
-def _external_copy(path: Path) -> Path:
-    """The scratch model at ``path`` rewritten with its weights in an external-data file (onnxruntime
-    maps them instead of copying them out of a parsed protobuf), or ``path`` itself when it holds
-    little weight data. The rewrite loads the scratch file afresh: staging the pass's own graph with
-    external data would move the small weights of its loaded tensors to the scratch file."""
-    if path.stat().st_size < EXTERNAL_BYTES:
-        return path
-    try:
-        scratch = load(path)
-        copy = stage(
-            scratch, path.with_name("tap-external.onnx"), external=True, check=False, type_check=False
-        ).commit()
-    except Exception:  # noqa: BLE001 - the copy is an optimisation: onnxruntime can read the inline file
-        return path
-    finally:
-        scratch = None
-    path.unlink()
-    return copy
 
 
 def _session(path: Path, threads: int) -> Any:

@@ -38,6 +38,7 @@ length (and the old chunk for deltas).
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any
 
@@ -159,30 +160,63 @@ def _quantized_table(counts: np.ndarray) -> tuple[np.ndarray, bytes, float]:
     """
     c = counts.astype(np.float64)
     n = c.sum(axis=1, keepdims=True)
-    best: tuple[np.ndarray, bytes, float] | None = None
-    for total in (256, 1024, 4096, 0):
+    cands = []  # (symbol bits, position, rescaled counts)
+    for pos, total in enumerate((256, 1024, 4096, 0)):
         if total:
             q = np.where(c > 0, np.maximum(1, np.round(c * total / np.maximum(n, 1))), 0)
         else:
             q = c
         if q.max(initial=0) >= 2**32:
             continue
+        p = np.where(q > 0, q / np.maximum(q.sum(axis=1, keepdims=True), 1), 1.0)
+        cands.append((float(-(c * np.log2(p)).sum()), pos, q))
+    # The first cheapest in the order above; a table is zstd-coded only while its symbols alone (plus
+    # the blob's width byte) may still beat the best total: the others cannot win.
+    best: tuple[np.ndarray, bytes, float] | None = None
+    best_pos = -1
+    for symbol_bits, pos, q in sorted(cands, key=lambda t: (t[0], t[1])):
+        if best is not None and symbol_bits + 8 > best[2]:
+            break
         table = q.astype("<u4")
         width = "<u1" if q.max(initial=0) < 256 else "<u2" if q.max(initial=0) < 65536 else "<u4"
         blob = bytes([np.dtype(width).itemsize]) + _zc(table.astype(width).tobytes(), 19)
-        p = np.where(q > 0, q / np.maximum(q.sum(axis=1, keepdims=True), 1), 1.0)
-        bits = float(-(c * np.log2(p)).sum()) + 8 * len(blob)
-        if best is None or bits < best[2]:
-            best = (table, blob, bits)
+        bits = symbol_bits + 8 * len(blob)
+        if best is None or bits < best[2] or (bits == best[2] and pos < best_pos):
+            best, best_pos = (table, blob, bits), pos
     assert best is not None
     return best
+
+
+SLAB = 2**20  # symbols widened, counted or sorted at a time (bounds the temporary arrays)
+
+
+def _histogram(symbols: np.ndarray, alphabet: int) -> np.ndarray:
+    """``np.bincount(symbols, minlength=alphabet)[:alphabet]``, counted a slab at a time (bincount widens
+    its input to 8 bytes per symbol)."""
+    counts = np.zeros(alphabet, np.int64)
+    for a in range(0, symbols.size, SLAB):
+        counts += np.bincount(symbols[a : a + SLAB], minlength=alphabet)[:alphabet]
+    return counts
+
+
+def _encode_reverse(coder: Any, symbols: np.ndarray, model: Any, offset: int = 0) -> None:
+    """``coder.encode_reverse(symbols + offset, model)`` with the symbols widened to int32 a slab at a time:
+    the same pushes in the same order (the last slab first), so the same words."""
+    if symbols.dtype == np.int32 and not offset and symbols.size <= SLAB:
+        coder.encode_reverse(symbols, model)
+        return
+    for a in reversed(range(0, symbols.size, SLAB)):
+        part = symbols[a : a + SLAB].astype(np.int32)
+        if offset:
+            part += offset
+        coder.encode_reverse(part, model)
 
 
 def _ans_encode(streams: list[tuple[np.ndarray, np.ndarray, int]]) -> bytes:
     """Code several symbol streams with one rANS stack.
 
     Args:
-        streams: ``(symbols, classes, alphabet)``; symbols (int32) are grouped by their class
+        streams: ``(symbols, classes, alphabet)``; symbols (any integer type) are grouped by their class
             (stable), each class with its own table. The decoder knows the classes (and so the
             number of symbols in each).
 
@@ -194,7 +228,7 @@ def _ans_encode(streams: list[tuple[np.ndarray, np.ndarray, int]]) -> bytes:
     for symbols, classes, alphabet in streams:
         groups = int(classes.max()) + 1 if classes.size else 1
         parts = [symbols] if groups == 1 else [symbols[classes == g] for g in range(groups)]
-        counts = np.stack([np.bincount(p, minlength=alphabet)[:alphabet] for p in parts])
+        counts = np.stack([_histogram(p, alphabet) for p in parts])
         table, blob, _bits = _quantized_table(counts)
         head.append(struct.pack("<II", groups, alphabet) + _blob(blob))
         plan.append((parts, table))
@@ -203,7 +237,7 @@ def _ans_encode(streams: list[tuple[np.ndarray, np.ndarray, int]]) -> bytes:
             part = parts[g]
             if part.size:
                 model = constriction.stream.model.Categorical(table[g].astype(np.float64), perfect=False)
-                coder.encode_reverse(part, model)
+                _encode_reverse(coder, part, model)
     words = coder.get_compressed().astype("<u4").tobytes()
     return struct.pack("<I", len(streams)) + b"".join(head) + _blob(words)
 
@@ -266,10 +300,10 @@ def _encode_planes(data: np.ndarray, itemsize: int) -> bytes:
         z = _zc(raw)
         if len(z) < best[0]:
             best = (len(z), P_ZSTD, z)
-        counts = np.bincount(plane, minlength=256)
+        counts = _histogram(plane, 256)
         estimate = _quantized_table(counts[None])[2] / 8
         if estimate < 0.98 * best[0]:
-            a = _ans_encode([(plane.astype(np.int32), np.zeros(plane.size, np.int8), 256)])
+            a = _ans_encode([(plane, np.zeros(plane.size, np.int8), 256)])
             if len(a) < best[0]:
                 best = (len(a), P_ANS, a)
         out.append(struct.pack("<B", best[1]) + _blob(best[2]))
@@ -302,23 +336,35 @@ def _decode_planes(r: _Reader, nbytes: int) -> np.ndarray:
 # --------------------------------------------------------------------------- symbols
 
 
-def _row_classes(values: np.ndarray, groups: int) -> np.ndarray:
-    """Class of each row (axis 0 of ``values``, 2-D) by the quantile of its standard deviation."""
+def _row_spread(values: np.ndarray) -> np.ndarray:
+    """The standard deviation of each row (axis 0 of ``values``, 2-D), in float32."""
+    return values.astype(np.float32).std(axis=1)
+
+
+def _row_classes(values: np.ndarray, groups: int, spread: np.ndarray | None = None) -> np.ndarray:
+    """Class of each row (axis 0 of ``values``, 2-D) by the quantile of its standard deviation
+    (``spread``: that deviation when already computed by :func:`_row_spread`)."""
     if groups == 1 or values.shape[0] < groups:
         return np.zeros(values.shape[0], np.uint8)
-    spread = values.astype(np.float32).std(axis=1)
+    if spread is None:
+        spread = _row_spread(values)
     edges = np.quantile(spread, np.linspace(0, 1, groups + 1)[1:-1])
     return np.searchsorted(edges, spread, side="right").astype(np.uint8)
 
 
 def _streams(data: np.ndarray, mode: str, signed: bool) -> list[np.ndarray]:
-    """Symbol streams (each int32 with values in [0, alphabet)) and the values used for spreads."""
+    """Symbol streams (uint8 with values in [0, alphabet)): the bytes, or their low and high nibbles."""
     if mode == "bytes":
-        return [data.astype(np.int32)]
-    return [(data & 0x0F).astype(np.int32), (data >> 4).astype(np.int32)]
+        return [data]
+    return [data & 0x0F, data >> 4]
 
 
 def _spread_values(stream: np.ndarray, alphabet: int, signed: bool) -> np.ndarray:
+    """The symbols as values (signed: ``s - alphabet`` for ``s >= alphabet / 2``), in the narrowest type."""
+    if signed and alphabet == 256:
+        return stream.astype(np.int8)  # wraps modulo 2^8: the same values as the two's complement reading
+    if signed and alphabet == 16:
+        return (stream.astype(np.int8) ^ 8) - np.int8(8)
     if signed:
         half = alphabet // 2
         return np.where(stream >= half, stream - alphabet, stream)
@@ -356,14 +402,17 @@ def _symbol_candidates(data: np.ndarray, row_len: int, kind: str, signed: bool) 
     for mode in modes:
         alphabet = 256 if mode == "bytes" else 16
         streams = _streams(m_all, mode, signed)
+        spreads: dict[tuple[int, int], np.ndarray] = {}  # (stream, axis) -> row spreads, shared by the groups
         for axis in (0, 1):
             for groups in (1, 4, 16):
                 if (groups == 1 and axis == 1) or (groups > 1 and m_all.shape[axis] < 64 * groups):
                     continue
                 bits = 0.0
-                for s in streams:
+                for k, s in enumerate(streams):
                     m = s.T if axis else s
-                    classes = _row_classes(_spread_values(m, alphabet, signed), groups)
+                    if groups > 1 and m.shape[0] >= groups and (k, axis) not in spreads:
+                        spreads[(k, axis)] = _row_spread(_spread_values(m, alphabet, signed))
+                    classes = _row_classes(m, groups, spreads.get((k, axis)))
                     counts = np.bincount(
                         (classes.astype(np.int32)[:, None] * alphabet + m).ravel(), minlength=groups * alphabet
                     ).reshape(groups, alphabet)
@@ -466,30 +515,75 @@ def _ctx_log2p(nu_code: int, half: int = 128) -> np.ndarray:
     return np.log2(t) - np.log2(t.sum(axis=1, keepdims=True))
 
 
-def _ctx_fit(v: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column context offsets (int16, quarter octaves of variance) for ``mode`` rc / r / c."""
+def _ctx_energy(v: np.ndarray) -> np.ndarray:
+    """``v^2 + 1/4`` in float32: what :func:`_ctx_fit` fits the spreads to."""
     e = v.astype(np.float32)
     e *= e
     e += 0.25
-    rows, cols = e.shape
+    return e
+
+
+def _ctx_row_means(v: np.ndarray, col_scale: np.ndarray | None = None) -> np.ndarray:
+    """``(energy / col_scale).mean(axis=1)`` of :func:`_ctx_energy` of ``v``, a slab of rows at a time
+    (each row's mean is its own reduction: the same floats as over the whole)."""
+    rows, cols = v.shape
+    out = np.empty(rows, np.float32)
+    step = max(1, SLAB // max(1, cols))
+    for r0 in range(0, rows, step):
+        e = _ctx_energy(v[r0 : r0 + step])
+        if col_scale is not None:
+            e = e / col_scale[None, :]
+        out[r0 : r0 + step] = e.mean(axis=1)
+    return out
+
+
+def _ctx_col_means(v: np.ndarray, row_scale: np.ndarray | None = None) -> np.ndarray:
+    """``(energy / row_scale[:, None]).mean(axis=0)`` of :func:`_ctx_energy` of ``v``, a slab of rows at a
+    time. numpy sums along the first axis row after row, so each slab's sum continues from the sum so
+    far (passed as the slab's first row): the same floats as over the whole, without a full-size copy."""
+    rows, cols = v.shape
+    step = max(1, SLAB // max(1, cols))
+    total: np.ndarray | None = None
+    for r0 in range(0, rows, step):
+        e = _ctx_energy(v[r0 : r0 + step])
+        if row_scale is not None:
+            e = e / row_scale[r0 : r0 + step, None]
+        total = np.add.reduce(e if total is None else np.concatenate([total[None, :], e]), axis=0)
+    assert total is not None
+    return np.true_divide(total, rows, out=total, casting="unsafe")
+
+
+def _ctx_fit(v: np.ndarray, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column context offsets (int16, quarter octaves of variance) for ``mode`` rc / r / c.
+
+    Fitted to ``v^2 + 1/4`` (float32), computed a slab of rows at a time (no full-size float copies).
+    """
+    rows, cols = v.shape
     if mode == "r":
-        return np.round(4 * np.log2(e.mean(axis=1))).astype(np.int16), np.zeros(cols, np.int16)
+        return np.round(4 * np.log2(_ctx_row_means(v))).astype(np.int16), np.zeros(cols, np.int16)
     if mode == "c":
-        return np.zeros(rows, np.int16), np.round(4 * np.log2(e.mean(axis=0))).astype(np.int16)
-    r = e.mean(axis=1)
+        return np.zeros(rows, np.int16), np.round(4 * np.log2(_ctx_col_means(v))).astype(np.int16)
+    r = _ctx_row_means(v)
     c = np.ones(cols)
     for _ in range(3):
-        c = (e / r[:, None]).mean(axis=0)
-        r = (e / c[None, :]).mean(axis=1)
+        c = _ctx_col_means(v, r)
+        r = _ctx_row_means(v, c)
     qc = np.round(4 * np.log2(c))
     shift = np.median(qc)
     return np.round(4 * np.log2(r) + shift).astype(np.int16), (qc - shift).astype(np.int16)
 
 
 def _ctx_index(qr: np.ndarray, qc: np.ndarray) -> np.ndarray:
-    """Table index of every symbol (uint8, row-major)."""
-    k = qr.astype(np.int32)[:, None] + qc.astype(np.int32)[None, :]
-    return (np.clip(k, CTX_KMIN, CTX_KMAX) - CTX_KMIN).astype(np.uint8)
+    """Table index of every symbol (uint8, row-major), computed a slab of rows at a time."""
+    out = np.empty((qr.size, qc.size), np.uint8)
+    col = qc.astype(np.int32)[None, :]
+    step = max(1, SLAB // max(1, qc.size))
+    for r0 in range(0, qr.size, step):
+        k = qr[r0 : r0 + step].astype(np.int32)[:, None] + col
+        np.clip(k, CTX_KMIN, CTX_KMAX, out=k)
+        k -= CTX_KMIN
+        out[r0 : r0 + step] = k
+    return out
 
 
 def _ctx_matrix(size: int, row_len: int, inner: int | None) -> tuple[int, int] | None:
@@ -523,32 +617,62 @@ def _ctx_choose(
 ) -> tuple[float, int, np.ndarray, np.ndarray, list[bytes]]:
     """The cheapest (estimated bits, tail code, row offsets, column offsets, side blobs) for ``values``."""
     rows = values.shape[0]
-    sym = values.astype(np.int32) + half
     sample = slice(None, None, max(1, values.size // ESTIMATE_SYMBOLS))
+    s = values[sample].astype(np.int32) + half  # only the sampled rows are estimated on
+    width = 2 * half
     best = None
     for mode in modes:
         qr, qc = _ctx_fit(values, mode)
         side = [_ctx_side(qr), _ctx_side(qc)]
-        idx = _ctx_index(qr, qc)[sample]
-        s = sym[sample]
+        idx = _ctx_index(qr[sample], qc)
         scale = rows / idx.shape[0]
+        # The code length summed over a histogram of (context, symbol) pairs, not symbol by symbol.
+        pairs = idx.astype(np.int32) * width
+        pairs += s
+        counts = np.bincount(pairs.ravel(), minlength=(CTX_KMAX - CTX_KMIN + 1) * width)
+        del pairs
+        counts = counts.reshape(-1, width).astype(np.float64)
         for nu_code in range(len(CTX_NUS)):
-            bits = -float(_ctx_log2p(nu_code, half)[idx, s].sum()) * scale + 8 * sum(len(b) for b in side)
+            bits = -float((counts * _ctx_log2p(nu_code, half)).sum()) * scale + 8 * sum(len(b) for b in side)
             if best is None or bits < best[0]:
                 best = (bits, nu_code, qr, qc, side)
     assert best is not None
     return best
 
 
-def _ctx_encode_groups(coder: Any, sym: np.ndarray, idx: np.ndarray, tables: np.ndarray) -> None:
-    """Push ``sym`` (flat) onto the rANS stack, grouped by context (decoded back in increasing context)."""
-    order = np.argsort(idx, kind="stable")
-    counts = np.bincount(idx, minlength=tables.shape[0])
+def _group_by(sym: np.ndarray, idx: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(sym stably ordered by idx, count per idx value)``, for flat ``sym`` and ``idx`` (uint8).
+
+    Sorted a slab of ``SLAB`` symbols at a time and merged group by group: the same order as one
+    stable sort of the whole, with index arrays of one slab (not 8 bytes per symbol of the whole).
+    """
+    n = idx.size
+    if n <= SLAB:
+        return sym[np.argsort(idx, kind="stable")], np.bincount(idx, minlength=groups)
+    counts = np.zeros(groups, np.int64)
+    for a in range(0, n, SLAB):
+        counts += np.bincount(idx[a : a + SLAB], minlength=groups)
+    pos = np.cumsum(counts) - counts
+    out = np.empty(n, sym.dtype)
+    for a in range(0, n, SLAB):
+        part = idx[a : a + SLAB]
+        ordered = sym[a : a + SLAB][np.argsort(part, kind="stable")]
+        c = np.bincount(part, minlength=groups)
+        ends = np.cumsum(c)
+        for k in np.flatnonzero(c):
+            out[pos[k] : pos[k] + c[k]] = ordered[ends[k] - c[k] : ends[k]]
+            pos[k] += c[k]
+    return out, counts
+
+
+def _ctx_encode_groups(coder: Any, sym: np.ndarray, idx: np.ndarray, tables: np.ndarray, offset: int = 0) -> None:
+    """Push ``sym + offset`` (flat) onto the rANS stack, grouped by context (decoded back in increasing
+    context); ``sym`` may be narrower than int32 (each group is widened as it is coded)."""
+    sorted_sym, counts = _group_by(sym, idx, tables.shape[0])
     ends = np.cumsum(counts)
-    sorted_sym = sym[order]
     for k in reversed(np.flatnonzero(counts)):
         model = constriction.stream.model.Categorical(tables[k], perfect=False)
-        coder.encode_reverse(sorted_sym[ends[k] - counts[k] : ends[k]], model)
+        _encode_reverse(coder, sorted_sym[ends[k] - counts[k] : ends[k]], model, offset)
 
 
 def _ctx_decode_groups(coder: Any, idx: np.ndarray, tables: np.ndarray) -> np.ndarray:
@@ -586,7 +710,7 @@ def _encode_context(data: np.ndarray, row_len: int, inner: int | None, signed: b
     center, v = _centered(data, rows, cols, signed)
     _bits, nu_code, qr, qc, side = _ctx_choose(v, 128, ("rc", "r", "c"))
     coder = constriction.stream.stack.AnsCoder()
-    _ctx_encode_groups(coder, v.astype(np.int32).ravel() + 128, _ctx_index(qr, qc).ravel(), _ctx_table_set(nu_code))
+    _ctx_encode_groups(coder, v.ravel(), _ctx_index(qr, qc).ravel(), _ctx_table_set(nu_code), offset=128)
     words = coder.get_compressed().astype("<u4").tobytes()
     head = struct.pack("<BBQQ", center, nu_code, rows, cols)
     return head + b"".join(_blob(b) for b in side) + _blob(words)
@@ -629,39 +753,106 @@ def _predict(v: np.ndarray, refs: np.ndarray, betas: np.ndarray) -> np.ndarray:
     return (betas.astype(np.int32)[:, None] * v[refs].astype(np.int32) + 16) >> 5
 
 
-def _neighbour_gain(x: np.ndarray) -> float:
+def _unit_rows(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(xn, norm2)``: the rows of ``v`` (2-D) in float32 scaled to unit length, and their squared norms
+    (computed a slab of rows at a time: no float32 copy of ``v`` beside ``xn``)."""
+    rows = v.shape[0]
+    xn = np.empty(v.shape, np.float32)
+    norm2 = np.empty(rows, np.float32)
+    step = max(1, SLAB // max(1, v.shape[1]))
+    for r0 in range(0, rows, step):
+        x = v[r0 : r0 + step].astype(np.float32)
+        norm2[r0 : r0 + step] = (x * x).sum(axis=1)
+        np.divide(x, np.sqrt(norm2[r0 : r0 + step] + 1e-12)[:, None], out=xn[r0 : r0 + step])
+    return xn, norm2
+
+
+def _neighbour_gain(xn: np.ndarray) -> float:
     """Estimated bits per symbol row prediction saves, from the last ``NB_PROBE`` rows searched among the
-    rows before them (so that tables without similar rows skip the full search)."""
-    rows, cols = x.shape
+    rows before them (so that tables without similar rows skip the full search); ``xn``: unit rows."""
+    rows, cols = xn.shape
     pool = max(NB_BLOCK, int(NB_WORK / (rows * cols)))
     first = rows - NB_PROBE
-    xn = x / np.sqrt((x * x).sum(axis=1) + 1e-12)[:, None]
     sim = xn[first:] @ xn[max(0, first - pool) : first].T
     c = np.abs(sim).max(axis=1).astype(np.float64)
     gain = 0.5 * cols * np.log2(1.0 / np.maximum(1.0 - c * c, 1e-9)) - NB_SIDE_BITS
     return float(np.maximum(gain, 0).mean() / cols)
 
 
-def _neighbours(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: the earlier-block row with the largest |cosine| and beta (in 1/32), or beta 0."""
-    rows, cols = x.shape
-    norm2 = (x * x).sum(axis=1)
-    xn = x / np.sqrt(norm2 + 1e-12)[:, None]
+NB_SUPER = 4  # blocks searched by one matrix product (a taller product runs faster per row)
+
+
+NEIGHBOUR_THREADS = 0  # 0: ONNXCOMPRESS_THREADS if set, else every usable core (at most 4); 1: no threads
+
+
+def _search_cores() -> int:
+    """Threads for the row search (its matrix products release the GIL): ``NEIGHBOUR_THREADS``, else
+    ``ONNXCOMPRESS_THREADS`` (the batch runner's share of the cores), else the usable cores; at most 4.
+    The result does not depend on it (each super-block is searched on its own)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    wanted = NEIGHBOUR_THREADS
+    if not wanted:
+        try:
+            wanted = int(os.environ.get("ONNXCOMPRESS_THREADS", "0") or 0)
+        except ValueError:
+            wanted = 0
+    return max(1, min(4, cores, wanted if wanted > 0 else cores))
+
+
+def _neighbours(v: np.ndarray, xn: np.ndarray, norm2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the earlier-block row with the largest |cosine| and beta (in 1/32), or beta 0.
+
+    ``v``: the int8 symbols (2-D); ``xn``, ``norm2``: from :func:`_unit_rows`. Each block's rows are
+    compared with the ``pool`` rows before the block; ``NB_SUPER`` blocks share one matrix product (the
+    columns each block may use are a window of it), and super-blocks run on several threads.
+    """
+    import threading
+
+    rows, cols = v.shape
     refs = np.zeros(rows, np.int64)
     betas = np.zeros(rows, np.int8)
     pool = max(NB_BLOCK, int(NB_WORK / (rows * cols)))  # earlier rows searched
-    for b0 in range(NB_BLOCK, rows, NB_BLOCK):
-        b1 = min(rows, b0 + NB_BLOCK)
-        first = max(0, b0 - pool)
-        sim = xn[b0:b1] @ xn[first:b0].T
-        j = np.argmax(np.abs(sim), axis=1) + first
-        c = sim[np.arange(b1 - b0), j - first].astype(np.float64)
-        beta = (x[b0:b1] * x[j]).sum(axis=1) / np.maximum(norm2[j], 1e-12)
-        bq = np.clip(np.round(beta * 32), -NB_BETA, NB_BETA).astype(np.int8)
-        gain = 0.5 * cols * np.log2(1.0 / np.maximum(1.0 - c * c, 1e-9))
-        use = (gain > NB_SIDE_BITS) & (bq != 0)
-        refs[b0:b1] = np.where(use, j, 0)
-        betas[b0:b1] = np.where(use, bq, 0)
+    span = NB_SUPER * NB_BLOCK
+    local = threading.local()  # one product buffer per thread, reused by its super-blocks
+
+    def search(s0: int) -> None:
+        s1 = min(rows, s0 + span)
+        blocks = range(s0, s1, NB_BLOCK)
+        left = max(0, s0 - pool)
+        a, b = xn[s0:s1], xn[left : blocks[-1]]
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = np.empty(span * min(rows, pool + span), np.float32)
+        sim = np.matmul(a, b.T, out=buf[: a.shape[0] * b.shape[0]].reshape(a.shape[0], b.shape[0]))
+        np.abs(sim, out=sim)  # only |cosine| is used (its square, and the argmax of |cosine|)
+        for b0 in blocks:
+            b1 = min(rows, b0 + NB_BLOCK)
+            first = max(0, b0 - pool)
+            window = sim[b0 - s0 : b1 - s0, first - left : b0 - left]
+            j = np.argmax(window, axis=1) + first
+            c = window[np.arange(b1 - b0), j - first].astype(np.float64)
+            x = v[b0:b1].astype(np.float32)
+            beta = (x * v[j].astype(np.float32)).sum(axis=1) / np.maximum(norm2[j], 1e-12)
+            bq = np.clip(np.round(beta * 32), -NB_BETA, NB_BETA).astype(np.int8)
+            gain = 0.5 * cols * np.log2(1.0 / np.maximum(1.0 - c * c, 1e-9))
+            use = (gain > NB_SIDE_BITS) & (bq != 0)
+            refs[b0:b1] = np.where(use, j, 0)
+            betas[b0:b1] = np.where(use, bq, 0)
+
+    starts = range(NB_BLOCK, rows, NB_SUPER * NB_BLOCK)
+    threads = min(_search_cores(), len(starts))
+    if threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="onnxcompress-rows") as ex:
+            for _ in ex.map(search, starts):
+                pass
+    else:
+        for s0 in starts:
+            search(s0)
     return refs, betas
 
 
@@ -672,22 +863,25 @@ def _encode_neighbour(data: np.ndarray, row_len: int, inner: int | None, signed:
         return None
     rows, cols = shape
     center, v = _centered(data, rows, cols, signed)
-    if _neighbour_gain(v.astype(np.float32)) < NB_MIN_GAIN:
+    xn, norm2 = _unit_rows(v)
+    if _neighbour_gain(xn) < NB_MIN_GAIN:
         return None
-    refs, betas = _neighbours(v.astype(np.float32))
+    refs, betas = _neighbours(v, xn, norm2)
+    del xn
     if not betas.any():
         return None
-    d = _predict(v, refs, betas)
-    np.subtract(v, d, out=d)
+    d = np.empty((rows, cols), np.int16)  # residuals lie in -384..384
+    step = max(1, SLAB // cols)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        np.subtract(v[r0:r1], _predict(v, refs[r0:r1], betas[r0:r1]), out=d[r0:r1], casting="unsafe")
     _bits, nu_code, qr, qc, side = _ctx_choose(d, NB_HALF, ("rc", "r"))
     idx = _ctx_index(qr, qc)
     tables = _ctx_table_set(nu_code, NB_HALF)
     coder = constriction.stream.stack.AnsCoder()
-    d += NB_HALF
-    sym = d
     for b0 in reversed(range(0, rows, NB_BLOCK)):
         b1 = min(rows, b0 + NB_BLOCK)
-        _ctx_encode_groups(coder, sym[b0:b1].ravel(), idx[b0:b1].ravel(), tables)
+        _ctx_encode_groups(coder, d[b0:b1].ravel(), idx[b0:b1].ravel(), tables, offset=NB_HALF)
     used = betas != 0  # their references: uniform over the rows before their block, decoded first
     starts = (np.arange(rows) // NB_BLOCK * NB_BLOCK)[used].astype(np.int32)
     coder.encode_reverse(refs[used].astype(np.int32), constriction.stream.model.Uniform(), starts)
@@ -781,27 +975,28 @@ def _encode_plain(
     signed: bool | None = None,
     inner: int | None = None,
 ) -> bytes:
-    raw = arr.tobytes()
-    z = _zc(raw)
-    best = bytes([RAW]) + raw if len(raw) <= len(z) else bytes([ZSTD]) + z
+    # Each candidate is dropped as soon as it is compared: one coded chunk is held beside the best.
+    z = _zc(arr)  # the array's buffer: no copy of the chunk
+    best = bytes([RAW]) + arr.tobytes() if arr.size <= len(z) else bytes([ZSTD]) + z
+    del z
     if arr.size < 64:
         return best
     if kind == "planes" and arr.size % itemsize == 0:
         p = bytes([PLANES]) + _encode_planes(arr, itemsize)
         if len(p) < len(best):
             best = p
+        del p
     elif kind in ("bytes", "nibbles"):
         sgn = signed if signed is not None else data_type in (3, 22)
-        s = _encode_symbols(arr, row_len, kind, sgn)
-        if s is not None and len(s) + 1 < len(best):
-            best = bytes([SYMBOLS]) + s
+        coders = [(SYMBOLS, lambda: _encode_symbols(arr, row_len, kind, sgn))]
         if kind == "bytes":
-            c = _encode_context(arr, row_len, inner, sgn)
-            if c is not None and len(c) + 1 < len(best):
-                best = bytes([CONTEXT]) + c
-            nb = _encode_neighbour(arr, row_len, inner, sgn)
-            if nb is not None and len(nb) + 1 < len(best):
-                best = bytes([NEIGHBOUR]) + nb
+            coders.append((CONTEXT, lambda: _encode_context(arr, row_len, inner, sgn)))
+            coders.append((NEIGHBOUR, lambda: _encode_neighbour(arr, row_len, inner, sgn)))
+        for codec, encode in coders:
+            body = encode()
+            if body is not None and len(body) + 1 < len(best):
+                best = bytes([codec]) + body
+            del body
     return best
 
 

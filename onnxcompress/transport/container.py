@@ -341,11 +341,12 @@ def write_package(files: list[FileLayout], sink_file: BinaryIO | None, *, base: 
         cdict = base.gap_dict(lay.name) if base is not None else None
         gap_total = sum(n for kind, _start, n in lay.segments() if kind == 0)
         level = GAP_LEVEL if gap_total <= 32 * 2**20 else 9  # zstd -19 runs at a few MB/s
-        cctx = zstandard.ZstdCompressor(level=level, dict_data=cdict)
         gap = io.BytesIO()
+        cctx = zstandard.ZstdCompressor(level=level, dict_data=cdict)
         with cctx.stream_writer(gap, closefd=False) as w:
             for block in _gap_bytes(lay):
                 w.write(block)
+        del cctx, w  # zstd -19's tables take ~80 MB: freed before the tensors are coded
         segments = [[kind, n] for kind, _start, n in lay.segments()]
         metas = []
         bases = []
