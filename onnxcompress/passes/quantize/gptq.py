@@ -72,6 +72,8 @@ class Quantized:
         scale_step: With ``scale_bits=8``: the per-row float16-representable step ``[N]`` (float32);
             every scale is an integer multiple ``c * step`` with ``|c| <= 127`` (:meth:`scale_codes`).
             None: the scales are float16 values.
+        col_scale: Activation-aware scaling (:mod:`.awq`): a float16-representable multiplier ``[K]`` of
+            the dequantized columns (the codes quantize ``W / col_scale``). None: no scaling.
     """
 
     codes: np.ndarray
@@ -81,6 +83,7 @@ class Quantized:
     block: int
     bits: int = 4
     scale_step: np.ndarray | None = None
+    col_scale: np.ndarray | None = None
 
     def scale_codes(self) -> np.ndarray:
         """The int8 scale codes ``[N, K_pad / block]`` (``scales / scale_step``, exact); needs ``scale_step``."""
@@ -94,7 +97,10 @@ class Quantized:
         u = self.codes.reshape(n, nb, self.block).astype(np.float32)
         z = self.zero_points.astype(np.float32)[:, :, None]
         w = (u - z) * self.scales[:, :, None]
-        return w.reshape(n, kp)[:, : self.k]
+        w = w.reshape(n, kp)[:, : self.k]
+        if self.col_scale is not None:
+            w *= self.col_scale[None, :]
+        return w
 
 
 def pad_columns(w: np.ndarray, block: int) -> np.ndarray:
@@ -218,24 +224,35 @@ def _check_scale_bits(scale_bits: int) -> None:
 
 
 def quantize_rtn(
-    w: np.ndarray, block: int, symmetric: bool = True, clip_search: bool = True, scale_bits: int = 16
+    w: np.ndarray,
+    block: int,
+    symmetric: bool = True,
+    clip_search: bool = True,
+    scale_bits: int = 16,
+    col_weight: np.ndarray | None = None,
 ) -> Quantized:
     """Round-to-nearest block quantization of ``w [N, K]`` (rows processed in chunks).
 
     ``scale_bits``: 16 (float16 scales) or 8 (int8 codes times a per-row step, module docstring).
+    ``col_weight`` (``[K]``, e.g. ``diag H``): weights of the clipping search's squared error per column.
     """
     _check_scale_bits(scale_bits)
     n, k = w.shape
     step = row_scale_step(w) if scale_bits == 8 else None
     wp = pad_columns(np.asarray(w, dtype=np.float32), block)
     nb = wp.shape[1] // block
+    cw = None
+    if col_weight is not None:
+        cw = np.zeros(nb * block, dtype=np.float32)
+        cw[:k] = col_weight
+        cw = cw.reshape(nb, block)
     codes = np.empty((n, nb * block), dtype=np.uint8)
     scales = np.empty((n, nb), dtype=np.float32)
     zeros = np.empty((n, nb), dtype=np.uint8)
     for r0 in range(0, n, ROW_CHUNK):
         wb = wp[r0 : r0 + ROW_CHUNK].reshape(-1, nb, block)
         st = None if step is None else step[r0 : r0 + ROW_CHUNK, None]
-        s, z = block_params(wb, symmetric, clip_search, step=st)
+        s, z = block_params(wb, symmetric, clip_search, cw, step=st)
         codes[r0 : r0 + ROW_CHUNK] = _codes(wb, s, z).reshape(-1, nb * block)
         scales[r0 : r0 + ROW_CHUNK] = s
         zeros[r0 : r0 + ROW_CHUNK] = z

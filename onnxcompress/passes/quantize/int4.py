@@ -49,6 +49,38 @@ session 4, ``onnxcompress compress ... -q int4`` with the sidecar calibration se
 * round-to-nearest (no calibration): 16: 0.9092 / 0.9653 at 0.1427; ``scale_bits=8``: 0.9075 / 0.9655
   at 0.1362 (onnxruntime's 4-bit anchor: 0.9064 at 0.1621), hence not the default there.
 
+Activation-aware channel scaling (``awq``, :mod:`.awq`; AWQ, Lin et al. 2024): for the MatMul/Gemm
+weights whose Hessians are gathered, each input channel ``k`` gets a factor ``c_k = rms(x_k) ** alpha``
+(from ``diag H``, normalised around 1), ``alpha`` searched per weight on ``0, 0.1, .., 1`` (coarse to
+fine, 8 points) for the least ``tr(dW H dW^T)`` of round-to-nearest on ``W c``; then GPTQ (or RTN)
+quantizes ``W c`` with ``H' = C^-1 H C^-1``, and ``1 / c`` is stored (float16, ``K`` values per
+weight): the ``load`` form multiplies the dequantized weight by it (one more ``Mul`` on constants,
+folded at session load: no run-time cost), ``MatMulNBits`` gets a ``Mul`` on its activation input.
+``stats["awq_scaled"]``, ``stats["awq_seconds"]``, ``stats["layers"][i]["awq_alpha"]``; the scheme
+reads ``int4-awq-gptq``/``int4-awq-rtn``. ``--param awq=true|false|auto`` or an exponent grid
+(``awq=0.5``, ``awq=0,0.1,0.2``); CLI default ``false``. Measured on MiniLM (session 5; held-out worst /
+mean cosine; "subsets": the pass refitted on 4 random 56-of-64 calibration subsets (seeds 0..3), mean
+and min of the worst):
+
+* GPTQ, ``int4_budget=0.16`` (the default): off 0.9829 / 0.9946 (subsets 0.9798, min 0.9755);
+  on 0.9811 / 0.9947 at 0.1594 (subsets 0.9784, min 0.9770; one 8-bit tensor fewer for the stored
+  ``1 / c``); grid ``0,0.1,0.2`` 0.9787 on seed 0 (off: 0.9819).
+* GPTQ, int4 only (``int4_budget=0``): off 0.9619 / 0.9853 (subsets 0.9583, min 0.9562); on 0.9534 /
+  0.9865 (subsets 0.9562, min 0.9542): the mean cosine gains 0.0012..0.0016 on every draw, the worst
+  (short) sentence loses: the channel statistics are those of the calibration tokens.
+* ``method=rtn`` (full calibration set): int4 only 0.9092 / 0.9653 -> 0.9359 / 0.9789 at 0.1433;
+  with the budget (16 tensors 8-bit) 0.9650 / 0.9927 at 0.1599: a large gain where nothing else
+  compensates the errors, hence ``auto`` = on for ``method=rtn`` given calibration data.
+
+Hence off by default; wall time: +8..30 s on MiniLM on this 2-core machine (the search runs RTN 8 times
+per weight). Also measured and not kept (GPTQ, budget 0.16, subsets mean / min of the worst against
+0.9798 / 0.9755): ``act_order=true`` 0.9796 / 0.9766; ``embedding_block=128`` (0.27 MB more 8-bit room)
+0.9790 / 0.9753, ``64`` 0.9779 / 0.9729; the 8-bit choice on per-sentence relative errors squared
+(emphasising the worst calibration sentence) 0.9801 / 0.9754; keeping the 8 or 32 most salient input
+columns of each weight in float16 with GPTQ compensating into them (OWQ-like; int4 only, full
+calibration set) 0.9641 / 0.9655 against 0.9630, for 0.33 / 1.33 MB: far less per byte than 8-bit
+tensors.
+
 The worst held-out sentences ("yes, of course." and the other 7-token reply) lose 2.4x more than any
 calibration sentence (calibration worst 0.992 with the default); refitting GPTQ on 56-of-64
 calibration subsets moves the held-out worst by up to 0.015 (0.950..0.965, int4 only), so
@@ -107,6 +139,8 @@ from ...validate import make_session
 from ..base import GraphSize, Params, PassContext, PassReport, is_excluded
 from ..calibrate import ActivationTap, has_batch_axis, require_calibration, split_feed, tappable
 from ._common import refuse_quantized
+from .awq import ALPHAS, Scaling, scaled_hessian
+from .awq import search as awq_search
 from .gptq import (
     SCALE_BITS,
     PreparedHessian,
@@ -128,6 +162,8 @@ SENSITIVITY_ROWS = 16  # samples per sensitivity run (token models: sorted by le
 DEFAULT_DAMP = 0.1  # measured on MiniLM: 0.1 beats 0.01 (0.954 vs 0.950 worst cosine, int4 only)
 SCALE_CHOICES = (0, *SCALE_BITS)  # 0: auto (8 when the budget spends the bytes saved on 8-bit blocks, else 16)
 DEFAULT_SCALE_BITS = 0  # --param scale_bits default (auto); Int4Config() itself keeps float16 scales (16)
+AWQ_MODES = ("auto", "true", "false")
+DEFAULT_AWQ = "false"  # --param awq default (measured: no gain with GPTQ on MiniLM's worst sentence, see above)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +193,11 @@ class Int4Config:
         scale_bits: Int4 block scales as float16 (16) or as int8 codes times a float16 step per row (8),
             in the standard forms (target ``onnxruntime``: the contrib ops take float32 scales: always 16).
             0 (auto): 8 when GPTQ runs with a ``budget`` (the bytes saved buy 8-bit blocks), else 16.
+        awq: Activation-aware channel scaling (:mod:`.awq`) of the MatMul/Gemm weights whose Hessians can be
+            gathered: ``true`` (with either method; needs calibration data), ``false``, or ``auto``: on where
+            it measured better, i.e. ``method=rtn`` given calibration data (Hessians gathered for it), off
+            with GPTQ.
+        awq_alphas: The grid of exponents searched per weight (0 = no scaling is always worth trying).
     """
 
     block_size: int = 32
@@ -176,6 +217,8 @@ class Int4Config:
     int8_block: int = 128
     max_candidates: int = 96
     scale_bits: int = 16
+    awq: str = "false"
+    awq_alphas: tuple[float, ...] = ALPHAS
 
     def __post_init__(self) -> None:
         if self.block_size not in BLOCK_SIZES:
@@ -192,6 +235,10 @@ class Int4Config:
             raise ValueError(f"int8_block must be one of {BLOCK_SIZES}")
         if self.scale_bits not in SCALE_CHOICES:
             raise ValueError(f"scale_bits must be one of {SCALE_CHOICES}")
+        if self.awq not in AWQ_MODES:
+            raise ValueError(f"awq must be one of {AWQ_MODES}")
+        if not self.awq_alphas or not all(0.0 <= a <= 1.0 for a in self.awq_alphas):
+            raise ValueError("awq_alphas must be a non-empty list of exponents in [0, 1]")
 
 
 def int4_config(params: Params) -> Int4Config:
@@ -209,6 +256,7 @@ def int4_config(params: Params) -> Int4Config:
     budget = params.get_float("int4_budget", DEFAULT_BUDGET)
     int8_block = params.get_int("int8_block", 128, BLOCK_SIZES)
     scale_bits = params.get_int("scale_bits", DEFAULT_SCALE_BITS, SCALE_CHOICES)
+    awq, alphas = _awq_param(params.get_str("awq", DEFAULT_AWQ))
     if not 0.0 <= damp <= 10.0:
         raise OnnxCompressError(f"--param damp={damp}: expected a fraction in [0, 10] (default {DEFAULT_DAMP})")
     if not 0.0 <= budget <= 1.0:
@@ -229,7 +277,34 @@ def int4_config(params: Params) -> Int4Config:
         budget=budget,
         int8_block=int8_block,
         scale_bits=scale_bits,
+        awq=awq,
+        awq_alphas=alphas,
     )
+
+
+def _awq_param(raw: str) -> tuple[str, tuple[float, ...]]:
+    """``--param awq``: auto/true/false (on/off, yes/no), or the exponent grid itself (``0.5`` or ``0,0.25,0.5``)."""
+    low = raw.strip().lower()
+    words = {
+        "auto": "auto",
+        "true": "true",
+        "on": "true",
+        "yes": "true",
+        "false": "false",
+        "off": "false",
+        "no": "false",
+    }
+    if low in words:
+        return words[low], ALPHAS
+    try:
+        alphas = tuple(float(a) for a in low.replace(";", ",").split(",") if a.strip())
+    except ValueError:
+        alphas = ()
+    if not alphas or not all(0.0 <= a <= 1.0 for a in alphas):
+        raise OnnxCompressError(
+            f"--param awq={raw}: expected auto, true, false or exponents in [0, 1] (e.g. 0.5 or 0,0.25,0.5)"
+        )
+    return "true", alphas
 
 
 @dataclasses.dataclass
@@ -257,16 +332,24 @@ class Int4Pass:
     def __init__(self, config: Int4Config | None = None) -> None:
         self.config = config or Int4Config()
         self._scale_bits = self.config.scale_bits or 16  # the run's (16 for target onnxruntime)
+        self._gptq = True  # the run's fit: GPTQ (else round-to-nearest on the calibrated, AWQ-scaled weights)
+        self._awq = False  # the run's channel scaling
+        self._alphas: dict[str, float] = {}  # tensor name -> AWQ exponent chosen (nonzero only)
 
     def run(self, model: Model, ctx: PassContext) -> PassReport:
         """Quantize the MatMul/Gemm weights and Gather tables of every graph of ``model``."""
         refuse_quantized(model, self.name)
         cfg = self.config
+        self._alphas = {}
         method = cfg.method
         if method == "gptq":
             require_calibration(ctx.calibration, "int4 with method=gptq")
         elif method == "auto":
             method = "gptq" if ctx.calibration else "rtn"
+        self._awq = cfg.awq == "true" or (cfg.awq == "auto" and method == "rtn" and bool(ctx.calibration))
+        if cfg.awq == "true":
+            require_calibration(ctx.calibration, "int4 with awq=true")
+        calibrated = method == "gptq" or self._awq  # Hessians are gathered
         report = PassReport(self.name)
         before = GraphSize.of(model)
         tree = GraphTree(model.graph)
@@ -279,17 +362,19 @@ class Int4Pass:
             else:
                 todo.append(w)
         # int8 scale codes only where the standard forms are written (the contrib ops take float32 scales)
-        self._scale_bits = cfg.scale_bits or (8 if method == "gptq" and cfg.budget > 0 else 16)
+        self._scale_bits = cfg.scale_bits or (8 if calibrated and cfg.budget > 0 else 16)
         if ctx.target != "standard":
             self._scale_bits = 16
+        self._gptq = method == "gptq"
         stats: dict[str, Any] = {"method": method, "gptq_fallback": [], "scale_bits": self._scale_bits}
+        stats["awq"] = self._awq
         fitted: dict[int, Quantized] = {}
-        if method == "gptq" and todo:
+        if calibrated and todo:
             start = time.perf_counter()
-            fitted = self._fit_gptq(model, tree, todo, ctx, stats, strict=cfg.method == "gptq")
+            fitted = self._fit_gptq(model, tree, todo, ctx, stats, strict=cfg.method == "gptq" or cfg.awq == "true")
             stats["gptq_seconds"] = round(time.perf_counter() - start, 3)
         wide: dict[int, int] = {}
-        if method == "gptq" and cfg.budget > 0 and fitted:
+        if calibrated and cfg.budget > 0 and fitted:
             start = time.perf_counter()
             wide = self._choose_int8(model, todo, fitted, ctx, stats, before.bytes)
             stats["sensitivity_seconds"] = round(time.perf_counter() - start, 3)
@@ -307,7 +392,9 @@ class Int4Pass:
             wk = _as_rows(value, red)  # [N, K]
             q = fitted.pop(id(w.tensor), None)
             block = self._block_of(w)
-            scheme = f"int4-{'gptq' if q is not None else 'rtn'}-b{block}-{'sym' if cfg.symmetric else 'asym'}"
+            fit = "rtn" if q is None or not self._gptq else "gptq"
+            fit = f"awq-{fit}" if q is not None and q.col_scale is not None else fit
+            scheme = f"int4-{fit}-b{block}-{'sym' if cfg.symmetric else 'asym'}"
             if id(w.tensor) in wide:
                 q = quantize_int8(wk, wide[id(w.tensor)])
                 scheme = f"int8-b{q.block}-sym"
@@ -332,6 +419,7 @@ class Int4Pass:
                     "scheme": scheme,
                     "bits": q.bits,
                     "scale_bits": 8 if q.scale_step is not None else 16,
+                    "awq_alpha": self._alphas.get(w.tensor.name, 0.0),
                     "forms": sorted({f for f, _, _ in emitted}),
                 }
             )
@@ -445,6 +533,7 @@ class Int4Pass:
                 plans.append((w, list(dict.fromkeys(acts))))
         out: dict[int, Quantized] = {}
         layers = 0
+        awq_seconds = 0.0
         for group in _groups(plans, cfg.hessian_bytes):
             try:
                 hessians = self._hessians(model, group, ctx.calibration or [])
@@ -454,42 +543,79 @@ class Int4Pass:
                 for w, _ in group:
                     fallback.append({"tensor": w.tensor.name, "reason": f"calibration failed: {exc}"})
                 continue
+            summed: dict[tuple[tuple[str, bool], ...], np.ndarray | str] = {}
             prepared: dict[tuple[tuple[str, bool], ...], PreparedHessian | str] = {}
             for w, acts in group:
                 key = tuple(acts)
-                if key not in prepared:
-                    prepared[key] = self._prepare(w, acts, hessians)
-                prep = prepared[key]
-                if isinstance(prep, str):
-                    fallback.append({"tensor": w.tensor.name, "reason": prep})
+                if key not in summed:  # only the latest (Q, K and V are consecutive): bounded memory
+                    summed = {key: self._summed(w, acts, hessians)}
+                h = summed[key]
+                if isinstance(h, str):
+                    fallback.append({"tensor": w.tensor.name, "reason": h})
                     continue
                 value = constant_value(w.tensor, cache=False)
                 assert value is not None
                 if not np.all(np.isfinite(value)):
                     continue  # skipped (with its reason) when emitted
                 wk = _as_rows(value, w.uses[0].red_axis)
+                scaling: Scaling | None = None
+                if self._awq:
+                    start = time.perf_counter()
+                    scaling = self._awq_search(w, wk, h)
+                    awq_seconds += time.perf_counter() - start
                 try:
-                    out[id(w.tensor)] = gptq(
-                        wk,
-                        prep,
-                        cfg.block_size,
-                        symmetric=cfg.symmetric,
-                        clip_search=cfg.clip_search,
-                        scale_bits=self._scale_bits_of(w),
-                    )
+                    if scaling is not None and scaling.alpha > 0:
+                        wk = wk * scaling.factor[None, :]
+                        h = scaled_hessian(h, scaling.inverse)
+                        prep: PreparedHessian | str | None = None
+                    else:
+                        scaling = None
+                        prep = prepared.get(key)
+                    if self._gptq:
+                        if prep is None:
+                            prep = self._prepare(h)
+                            if scaling is None:
+                                prepared[key] = prep
+                        if isinstance(prep, str):
+                            fallback.append({"tensor": w.tensor.name, "reason": prep})
+                            continue
+                        q = gptq(
+                            wk,
+                            prep,
+                            cfg.block_size,
+                            symmetric=cfg.symmetric,
+                            clip_search=cfg.clip_search,
+                            scale_bits=self._scale_bits_of(w),
+                        )
+                    else:
+                        q = quantize_rtn(
+                            wk,
+                            cfg.block_size,
+                            cfg.symmetric,
+                            cfg.clip_search,
+                            self._scale_bits_of(w),
+                            np.diagonal(h).astype(np.float32),
+                        )
+                    if scaling is not None:
+                        q.col_scale = scaling.inverse
+                        self._alphas[w.tensor.name] = scaling.alpha
+                    out[id(w.tensor)] = q
                     layers += 1
                 except ValueError as exc:
                     fallback.append({"tensor": w.tensor.name, "reason": str(exc)})
                 del value, wk
-            del prepared
+            del prepared, summed
             del hessians
         stats["gptq_layers"] = layers
+        if self._awq:
+            stats["awq_seconds"] = round(awq_seconds, 3)
+            stats["awq_scaled"] = len(self._alphas)
         return out
 
-    def _prepare(
+    def _summed(
         self, w: _Weight, acts: list[tuple[str, bool]], hessians: dict[tuple[str, bool], np.ndarray]
-    ) -> PreparedHessian | str:
-        """The factored Hessian of ``w`` (the sum over its consumers), or why GPTQ cannot use it."""
+    ) -> np.ndarray | str:
+        """The Hessian of ``w`` (float64, the sum over its consumers), or why it cannot be used."""
         k = _k_of(constant_meta(w.tensor)[0], w.uses[0].red_axis)  # type: ignore[index]
         hs = [hessians.get(a) for a in acts]
         if any(h is None or h.shape != (k, k) for h in hs):
@@ -497,10 +623,24 @@ class Int4Pass:
         h = np.sum(hs, axis=0, dtype=np.float64)
         if not np.all(np.isfinite(h)):
             return "non-finite calibration activations"
+        return h
+
+    def _prepare(self, h: np.ndarray) -> PreparedHessian | str:
+        """The factored, damped Hessian for GPTQ, or why GPTQ cannot use it."""
         try:
             return prepare_hessian(h, self.config.block_size, self.config.damp, self.config.act_order)
         except ValueError as exc:
             return str(exc)
+
+    def _awq_search(self, w: _Weight, wk: np.ndarray, h: np.ndarray) -> Scaling:
+        """The channel scaling of ``wk [N, K]`` with the least output error ``tr(dW H dW^T)`` (:mod:`.awq`)."""
+        cfg = self.config
+        bits = self._scale_bits_of(w)
+
+        def quantize(x: np.ndarray, col_weight: np.ndarray) -> np.ndarray:
+            return quantize_rtn(x, cfg.block_size, cfg.symmetric, cfg.clip_search, bits, col_weight).dequantize()
+
+        return awq_search(wk, h, quantize, cfg.awq_alphas)
 
     # -- mixed precision ----------------------------------------------------------------------------
 
@@ -538,6 +678,10 @@ class Int4Pass:
                 size // k, k, self._block_of(w), 4, cfg.symmetric, 1 if s8 else scale_bytes, 2 if s8 else 0
             )
             projected += b4 - 4 * size + NODE_BYTES
+            fit = fitted.get(id(w.tensor))
+            if fit is not None and fit.col_scale is not None:  # AWQ channel scales (dropped if it gets 8 bits)
+                b4 += k * (4 if ort else 2)
+                projected += k * (4 if ort else 2)
             if (
                 isinstance(w.tensor, gs.Constant)
                 and len(shape) == 2
@@ -976,6 +1120,14 @@ class _Emitter:
         w = self.node(graph, "Reshape", [blocks, out_shape], self.var("dequantized"))
         if kp != q.k:
             w = self._slice(graph, w, red_axis, q.k)
+        if q.col_scale is not None:  # AWQ: multiply the columns back (2-D weights only)
+            if "col" not in self._packed:
+                shape = (q.k, 1) if self.red == 0 else (1, q.k)
+                self._packed["col"] = self.const("channel_scale", q.col_scale.astype(np.float16).reshape(shape))
+            c = self._packed["col"]
+            nbytes += c.values.nbytes
+            cf = self.node(graph, "Cast", [c], self.var("channel_scale_float"), to=1)
+            w = self.node(graph, "Mul", [w, cf], self.var("descaled"))
         w.shape = self.shape
         return w, nbytes
 
@@ -1036,10 +1188,17 @@ class _Emitter:
                 self._packed["nbits_z"] = self.const("MatMulNBits_zero_points", pack_pairs(zp))
         b, s, z = self._packed["nbits"], self._packed["nbits_s"], self._packed.get("nbits_z")
         node = use.node
-        node.op, node.domain = "MatMulNBits", "com.microsoft"
-        _set_inputs(node, [node.inputs[0], b, s] + ([z] if z is not None else []))
-        node.attrs = {"K": int(q.k), "N": int(n), "bits": int(q.bits), "block_size": int(q.block)}
+        x = node.inputs[0]
         nbytes = b.values.nbytes + s.values.nbytes + (z.values.nbytes if z is not None else 0)
+        if q.col_scale is not None:  # AWQ: the activation is scaled instead (one Mul per consumer)
+            if "nbits_c" not in self._packed:
+                self._packed["nbits_c"] = self.const("channel_scale", q.col_scale.astype(np.float32))
+            c = self._packed["nbits_c"]
+            x = self.node(use.graph, "Mul", [x, c], self.var("scaled_input"))
+            nbytes += c.values.nbytes
+        node.op, node.domain = "MatMulNBits", "com.microsoft"
+        _set_inputs(node, [x, b, s] + ([z] if z is not None else []))
+        node.attrs = {"K": int(q.k), "N": int(n), "bits": int(q.bits), "block_size": int(q.block)}
         return "MatMulNBits", b.name, nbytes
 
     def _gather_block_quantized(self, use: _Use) -> tuple[str, str, int]:
