@@ -440,7 +440,7 @@ def compress(
         bool,
         typer.Option(
             "--transport-size/--no-transport-size",
-            help="Report output.transport_bytes, the packed size (a coding pass: ~1.5 s of CPU per 90 MB of float weights, up to ~9 s for 23 MB of int8 symbols).",
+            help="Report output.transport_bytes, the packed size (a coding pass: ~0.5-1 s of CPU per 45-90 MB of float weights, ~5 s for 23 MB of int8 symbols).",
         ),
     ] = True,
     base: Annotated[

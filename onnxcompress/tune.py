@@ -85,13 +85,13 @@ from . import io
 from .errors import OnnxCompressError
 from .graph import Model, constant_meta, constant_value
 from .passes.base import GraphSize, Params, PassContext, PassReport, is_excluded
-from .passes.calibrate import ActivationTap, has_batch_axis, split_feed, tappable
+from .passes.calibrate import has_batch_axis, tappable
 from .passes.quantize._common import refuse_quantized
 from .passes.quantize._math import quantize_symmetric, symmetric_scales
 from .passes.quantize.entropy import coded_bytes
 from .passes.quantize.float16 import FloatConfig, FloatPass
 from .passes.quantize.gptq import Quantized, gptq, prepare_hessian, quantize_rtn
-from .passes.quantize.int4 import Int4Config, Int4Pass
+from .passes.quantize.int4 import Int4Config, Int4Pass, collect_hessians, summed_hessian
 from .passes.quantize.weights import (
     Int8WeightsConfig,
     Int8WeightsPass,
@@ -449,37 +449,6 @@ def _int4_value(q: Quantized, red: int) -> tuple[np.ndarray, int]:
     return w.astype(np.float32), int(q.codes.size // 2 + q.scales.size * scale_bytes)
 
 
-def _hessians(
-    model: Model, acts: list[tuple[str, bool]], feeds: list[dict[str, np.ndarray]], rows: int
-) -> dict[tuple[str, bool], np.ndarray]:
-    """``{(activation, transposed): sum X^T X}`` (float32), computed like the int4 pass does."""
-    names = list(dict.fromkeys(n for n, _ in acts))
-    sums: dict[tuple[str, bool], np.ndarray] = {}
-    batch_axis = has_batch_axis(model)
-    with ActivationTap(model, names) as tap:
-        for feed in feeds:
-            for part in split_feed(feed, rows if batch_axis else 0):
-                values = tap.run(part)
-                for name, trans in acts:
-                    a = np.asarray(values[name])
-                    if a.dtype != np.float32 or a.ndim == 0:
-                        continue
-                    if trans:
-                        x = a.reshape(a.shape[0], -1).T if a.ndim == 2 else None
-                    else:
-                        x = a.reshape(-1, a.shape[-1])
-                    if x is None:
-                        continue
-                    xtx = x.T @ x
-                    prev = sums.get((name, trans))
-                    if prev is None:
-                        sums[(name, trans)] = xtx
-                    elif prev.shape == xtx.shape:
-                        prev += xtx
-                del values
-    return sums
-
-
 # --------------------------------------------------------------------------- the search
 
 
@@ -757,7 +726,7 @@ class Tuner:
     def _fit_gptq(
         self, plans: list[tuple[Any, list[_Use], list[tuple[str, bool]] | None]]
     ) -> tuple[dict[str, Quantized], dict[str, str]]:
-        """GPTQ int4 weights, from the same Hessians the int4 pass computes (groups of ~128 MB)."""
+        """GPTQ int4 weights, from the same Hessians the int4 pass computes (:func:`.int4.collect_hessians`)."""
         defaults = Int4Config()
         out: dict[str, Quantized] = {}
         reasons: dict[str, str] = {}
@@ -768,8 +737,15 @@ class Tuner:
             if not group:
                 return
             acts = list(dict.fromkeys(a for _, _, acts in group for a in acts))
-            try:
-                hess = _hessians(self.model, acts, self.feeds, defaults.calibration_rows)
+            try:  # exactly the int4 pass's Hessians (padding mask, per-sample weighting)
+                hess = collect_hessians(
+                    self.model,
+                    acts,
+                    self.feeds,
+                    defaults.calibration_rows,
+                    mask_padding=defaults.mask_padding,
+                    sample_weighting=defaults.sample_weighting,
+                )
             except OnnxCompressError as exc:
                 for t, _, _ in group:
                     reasons[t.name] = f"calibration failed: {exc}"
@@ -781,20 +757,15 @@ class Tuner:
                 k = w.shape[red]
                 key = tuple(acts_t)
                 if key not in prepared:
-                    hs = [hess.get(a) for a in acts_t]
-                    if any(h is None or h.shape != (k, k) for h in hs):
-                        prepared[key] = "activation width does not match K"
+                    h = summed_hessian(hess, acts_t, k, wide=False)
+                    if isinstance(h, str):
+                        prepared[key] = h
                     else:
-                        h = np.sum(hs, axis=0, dtype=np.float64)
-                        if not np.all(np.isfinite(h)):
-                            prepared[key] = "non-finite calibration activations"
-                        else:
-                            try:
-                                prepared[key] = prepare_hessian(
-                                    h, self.cfg.block_size, self.cfg.damp, defaults.act_order
-                                )
-                            except ValueError as exc:
-                                prepared[key] = str(exc)
+                        try:
+                            prepared[key] = prepare_hessian(h, self.cfg.block_size, self.cfg.damp, defaults.act_order)
+                        except ValueError as exc:
+                            prepared[key] = str(exc)
+                        del h
                 prep = prepared[key]
                 if isinstance(prep, str):
                     reasons[t.name] = prep
@@ -810,11 +781,11 @@ class Tuner:
         for t, uses, acts in plans:
             assert acts is not None
             k = int(constant_meta(t)[0][uses[0].red_axis or 0])  # type: ignore[index]
-            extra = sum(4 * k * k for a in acts if a not in seen)
+            extra = sum(2 * k * (k + 1) for a in acts if a not in seen)  # packed, as the int4 pass counts
             if group and used + extra > defaults.hessian_bytes:
                 flush()
                 group, seen, used = [], set(), 0
-                extra = 4 * k * k * len(acts)
+                extra = 2 * k * (k + 1) * len(acts)
             group.append((t, uses, acts))
             seen.update(acts)
             used += extra

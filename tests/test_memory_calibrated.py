@@ -29,7 +29,7 @@ from onnx import numpy_helper as nh
 
 from onnxcompress import io
 from onnxcompress.passes.calibrate import ActivationTap
-from onnxcompress.passes.quantize.dynamic import _Hessian
+from onnxcompress.passes.quantize.gptq import PackedHessian
 
 MB = 2**20
 
@@ -155,11 +155,11 @@ def test_packed_hessian_equals_the_full_sum(k: int) -> None:
     rng = np.random.default_rng(k)
     slices = [rng.standard_normal((n, k)).astype(np.float32) for n in (8, 3, 8)]
     full = None
-    packed = _Hessian(k)
+    packed = PackedHessian(k)
     for x in slices:
         full = x.T @ x + (full if full is not None else 0.0)  # what the pass accumulated before
         packed.add(x)
-    _Hessian.release()
+    PackedHessian.release()
     np.testing.assert_array_equal(packed.matrix(), full)
     inv_s = rng.uniform(0.5, 2.0, k).astype(np.float32)
     packed.smooth = inv_s
@@ -169,5 +169,5 @@ def test_packed_hessian_equals_the_full_sum(k: int) -> None:
 
 
 def test_packed_hessian_is_half_the_bytes() -> None:
-    hess = _Hessian(1536)
+    hess = PackedHessian(1536)
     assert hess.upper.nbytes < 0.51 * 1536 * 1536 * 4

@@ -631,3 +631,142 @@ def test_int8_scale_codes_on_a_batched_weight(tmp_path: Path) -> None:
     rows = quantize_rtn(w.transpose(0, 2, 1).reshape(-1, 100), 32, scale_bits=8).dequantize()
     expected = x @ rows.reshape(3, 16, 100).transpose(0, 2, 1)
     np.testing.assert_allclose(run(out, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- memory / speed rewrites (bit-identical)
+
+
+def _block_params_reference(wb, symmetric, clip_search, weights=None, step=None):  # type: ignore[no-untyped-def]
+    """The clipping search as first written (one temporary per step, +z/-z for symmetric blocks)."""
+    from onnxcompress.passes.quantize.gptq import CLIP_RATIOS, _candidates, _codes
+
+    cands = _candidates(wb, symmetric, CLIP_RATIOS if clip_search else (1.0,), step)
+    best_s, best_z = cands[0]
+    best_s, best_z = best_s.copy(), best_z.copy()
+    best_err = None
+    for s, z in cands:
+        u = _codes(wb, s, z)
+        u -= z[..., None]
+        u *= s[..., None]
+        u -= wb
+        np.square(u, out=u)
+        if weights is not None:
+            u *= weights
+        err = u.sum(axis=-1)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_s = np.where(better, s, best_s)
+        best_z = np.where(better, z, best_z)
+    return best_s.astype(np.float32), best_z.astype(np.float32)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("int8_scales", [False, True])
+def test_block_params_matches_the_reference_bit_for_bit(symmetric: bool, int8_scales: bool) -> None:
+    from onnxcompress.passes.quantize.gptq import block_params, row_scale_step
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((300, 96)) * rng.uniform(0.01, 3.0, (300, 1))).astype(np.float32)
+    w[5, :32] = 0.0  # an all-zero block
+    wb = w.reshape(300, 3, 32)
+    weights = rng.uniform(0.0, 2.0, (3, 32)).astype(np.float32)
+    step = row_scale_step(w)[:, None] if int8_scales else None
+    for wts in (None, weights):
+        got = block_params(wb, symmetric, True, wts, step)
+        want = _block_params_reference(wb, symmetric, True, wts, step)
+        assert all(np.array_equal(g, r) for g, r in zip(got, want))
+
+
+def test_row_scale_step_in_chunks_equals_the_whole_table() -> None:
+    from onnxcompress.passes.quantize.gptq import (
+        ROW_CHUNK,
+        SCALE_CODE_MAX,
+        SCALE_HEADROOM,
+        round_scales,
+        row_scale_step,
+    )
+
+    w = np.random.default_rng(4).standard_normal((2 * ROW_CHUNK + 7, 40)).astype(np.float32)
+    want = round_scales(np.abs(w).max(axis=1) * np.float32(SCALE_HEADROOM / (7.0 * SCALE_CODE_MAX)))
+    np.testing.assert_array_equal(row_scale_step(w), want)
+    assert row_scale_step(np.zeros((3, 0), np.float32)).shape == (3,)
+
+
+def test_prepare_hessian_frees_its_copy_and_keeps_the_factor() -> None:
+    from onnxcompress.passes.quantize.gptq import _inverse_cholesky_upper, prepare_hessian
+
+    x = _correlated(200, 40, 5)
+    hm = (x.T @ x).astype(np.float32)
+    hm[7, :] = hm[:, 7] = 0.0  # a dead column
+    prep = prepare_hessian(hm, 16, 0.1)
+    kp = 48
+    hp = np.zeros((kp, kp), np.float64)
+    hp[:40, :40] = hm
+    dead = np.diagonal(hp) <= 0
+    hp[dead, dead] = 1.0
+    hp[np.diag_indices(kp)] += 0.1 * float(np.mean(np.diagonal(hp)))
+    np.testing.assert_array_equal(prep.u, _inverse_cholesky_upper(hp))
+    holder = [hp.copy()]
+    np.testing.assert_array_equal(_inverse_cholesky_upper(holder), prep.u)
+    assert holder == []  # released once factored
+    assert np.array_equal(prep.dead, dead)
+    assert np.allclose(prep.u.T.astype(np.float64) @ prep.u, np.linalg.inv(hp), rtol=1e-3, atol=1e-6)
+
+
+def test_collect_hessians_masks_weights_and_packs(tmp_path: Path) -> None:
+    from onnxcompress.passes.quantize.int4 import collect_hessians, summed_hessian
+
+    k, n = 16, 8
+    w = np.random.default_rng(6).standard_normal((k, n)).astype(np.float32)
+    g = h.make_graph(
+        [h.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+        "tok",
+        [
+            h.make_tensor_value_info("x", T.FLOAT, ["B", "T", k]),
+            h.make_tensor_value_info("attention_mask", T.INT64, ["B", "T"]),
+        ],
+        [h.make_tensor_value_info("y", T.FLOAT, ["B", "T", n])],
+        [nh.from_array(w, "W")],
+    )
+    model = oc.load(save(_model(g), tmp_path / "tok.onnx"))
+    x = np.random.default_rng(7).standard_normal((3, 6, k)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], np.int64)
+    feeds = [{"x": x, "attention_mask": mask}]
+    key = ("x", False)
+    plain = collect_hessians(model, [key], feeds, 8, mask_padding=True, sample_weighting=False)[key]
+    keep = x[mask > 0]
+    np.testing.assert_array_equal(plain.matrix(), keep.T @ keep)  # bit for bit: one slice, one product
+    weighted = collect_hessians(model, [key], feeds, 8)[key].matrix()
+    want = sum(6 / mask[b].sum() * x[b, mask[b] > 0].T.astype(np.float64) @ x[b, mask[b] > 0] for b in range(3))
+    np.testing.assert_allclose(weighted, want, rtol=1e-5, atol=1e-4)
+    sliced = collect_hessians(model, [key], feeds, 2, mask_padding=False, sample_weighting=False)[key]
+    full = x.reshape(-1, k).astype(np.float64)
+    np.testing.assert_allclose(sliced.matrix(), full.T @ full, rtol=1e-5, atol=1e-4)
+    hs = {key: plain}
+    wide = summed_hessian(hs, [key], k)
+    assert isinstance(wide, np.ndarray) and wide.dtype == np.float64
+    narrow = summed_hessian(hs, [key], k, wide=False)
+    assert isinstance(narrow, np.ndarray) and narrow.dtype == np.float32
+    np.testing.assert_array_equal(narrow.astype(np.float64), wide)
+    assert summed_hessian(hs, [key], k + 1) == "activation width does not match K"
+    twice = summed_hessian(hs, [key, key], k)
+    np.testing.assert_array_equal(twice, wide * 2)
+
+
+def test_hessian_groups_count_packed_bytes() -> None:
+    import onnx_graphsurgeon as gs
+
+    from onnxcompress.passes.quantize.int4 import HESSIAN_BYTES, _groups, _Use, _Weight
+
+    def weight(name: str, k: int) -> _Weight:
+        t = gs.Constant(name, np.zeros((k, 4), np.float32))
+        return _Weight(t, [_Use(gs.Node("MatMul"), gs.Graph(), 0, None)])
+
+    k = 1024  # packed 2 k (k + 1) bytes: ~2.1 MB each (a full float32 matrix: 4.2 MB)
+    plans = [(weight(f"w{i}", k), [(f"a{i}", False)]) for i in range(4)]
+    sizes = [len(g) for g in _groups(plans, 3 * 2 * k * (k + 1))]
+    assert sizes == [3, 1]
+    assert HESSIAN_BYTES >= 2 * 1536 * 1537  # the widest MiniLM Hessian fits on its own

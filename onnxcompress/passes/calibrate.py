@@ -88,7 +88,7 @@ class ActivationTap:
             staged = stage(
                 model, self._dir / "tap.onnx", external=external, check=False, type_check=False, extra_outputs=wanted
             )
-            self._session = _session(staged.commit(), threads)
+            self._session = open_session(staged.commit(), threads)
         except BaseException:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
@@ -162,12 +162,22 @@ def trim_heap() -> None:
         _MALLOC_TRIM(0)
 
 
-def _session(path: Path, threads: int) -> Any:
-    """An onnxruntime CPU session on the tap's scratch copy, without a memory arena."""
+def open_session(path: Path, threads: int = 0, spinning: bool = True) -> Any:
+    """An onnxruntime CPU session on a scratch copy (the tap's, or any internal model written with its
+    weights in an external-data file, which onnxruntime maps), without a memory arena.
+
+    ``spinning=False``: the intra-op threads do not spin between operators (for callers that run the
+    session many times with Python work in between, see :func:`~onnxcompress.validate.make_session`).
+
+    Raises:
+        OnnxCompressError: with onnxruntime's first line when the model cannot be loaded.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 4  # errors are raised as exceptions
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not threads:
         with contextlib.suppress(ValueError):
             threads = max(0, int(os.environ.get("ONNXCOMPRESS_THREADS", "0") or 0))

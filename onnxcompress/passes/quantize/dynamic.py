@@ -95,7 +95,7 @@ the written model is byte-identical.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -109,7 +109,7 @@ from ..base import GraphSize, Params, PassContext, PassReport, is_excluded
 from ..calibrate import ActivationTap, trim_heap
 from ._common import refuse_quantized
 from ._math import quantize_symmetric, symmetric_scales
-from .gptq import PreparedHessian, prepare_hessian
+from .gptq import PackedHessian, PreparedHessian, prepare_hessian
 from .weights import Int8WeightsConfig, Int8WeightsPass
 
 QMAX = 127
@@ -163,57 +163,6 @@ class _Weight:
     scale16: gs.Constant | None = None  # what is stored: float16 [N], Cast to float32 in the graph
 
 
-class _Hessian:
-    """``H = sum X^T X`` of one activation ``X [rows, K]``, accumulated over the calibration slices.
-
-    Stored as its upper triangle, row by row (float32, ``K (K + 1) / 2`` values): numpy computes
-    ``X^T X`` as a symmetric rank-k update, so the matrix is exactly symmetric and the triangle loses
-    nothing, while the Hessians of every activation of the model are held at once (MiniLM: 67 ->
-    34 MB). The smoothing of the activation (``smooth``: ``1 / s`` per channel) is applied when a
-    weight asks for the matrix, one activation at a time, instead of keeping a float64 copy of each.
-    """
-
-    _scratch: dict[int, np.ndarray] = {}  # K -> the [K, K] buffer of ``add`` (see release)
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.upper = np.zeros(k * (k + 1) // 2, dtype=np.float32)
-        self.smooth: np.ndarray | None = None
-
-    def _rows(self) -> Iterator[tuple[int, int, int]]:
-        """``(row, start, end)``: row ``i``'s part ``[i, K)`` of the triangle is ``upper[start:end]``."""
-        start = 0
-        for i in range(self.k):
-            end = start + self.k - i
-            yield i, start, end
-            start = end
-
-    def add(self, x: np.ndarray) -> None:
-        """Add ``x^T x`` of one slice ``x [rows, K]`` (float32), through a scratch buffer kept per ``K``
-        (a few MB; allocated and freed per slice, such buffers fragment the heap)."""
-        k = self.k
-        if k not in self._scratch:
-            self._scratch[k] = np.empty((k, k), dtype=np.float32)
-        full = np.matmul(x.T, x, out=self._scratch[k])
-        for i, a, b in self._rows():
-            self.upper[a:b] += full[i, i:]
-
-    def matrix(self) -> np.ndarray:
-        """The full ``[K, K]`` matrix: float32, or float64 once smoothed (``H * outer(1/s, 1/s)``)."""
-        full = np.empty((self.k, self.k), dtype=np.float32)
-        for i, a, b in self._rows():
-            full[i, i:] = self.upper[a:b]
-            full[i:, i] = self.upper[a:b]  # the mirror image below the diagonal
-        if self.smooth is None:
-            return full
-        return full * np.outer(self.smooth, self.smooth).astype(np.float64)
-
-    @classmethod
-    def release(cls) -> None:
-        """Drop the scratch buffers (end of the calibration)."""
-        cls._scratch = {}
-
-
 class _SmoothedValues(LazyValues):
     """A smoothed weight, computed when read: ``W' = W * s[:, None]`` (``W [K, N]``; ``W^T`` for a
     ``transB`` Gemm, transposed back), with the outlier rows ``outl`` zeroed.
@@ -260,7 +209,7 @@ class Int8DynamicPass:
         self._opset = model.opset
         self._ranges: dict[str, tuple[float, float]] = {}
         self._chan_min: dict[str, np.ndarray] = {}
-        self._hessians: dict[int, _Hessian] = {}
+        self._hessians: dict[int, PackedHessian] = {}
         self._prepared: dict[int, PreparedHessian] = {}
         self._gptq_weights = 0
         self._outliers: dict[int, tuple[gs.Tensor, np.ndarray, np.ndarray]] = {}
@@ -311,7 +260,7 @@ class Int8DynamicPass:
                 ops["weights-only"] = sub_report.stats.get("tensors_changed", 0)
         self._hessians.clear()
         self._prepared.clear()
-        _Hessian.release()
+        PackedHessian.release()
         report.modified = bool(ops)
         nonstandard = (
             ["DynamicQuantizeMatMul"]
@@ -349,7 +298,7 @@ class Int8DynamicPass:
         if not groups:
             return 0
         amax: dict[str, np.ndarray] = {}
-        hess: dict[str, _Hessian] = {}
+        hess: dict[str, PackedHessian] = {}
         with ActivationTap(model, [a.name for a, _ in groups.values()]) as tap:
             for acts in tap.iterate(ctx.calibration or []):
                 for name, value in acts.items():
@@ -357,7 +306,7 @@ class Int8DynamicPass:
                         continue
                     if self.config.gptq:
                         x = np.ascontiguousarray(value.reshape(-1, value.shape[-1]), dtype=np.float32)
-                        hess.setdefault(name, _Hessian(x.shape[1])).add(x)
+                        hess.setdefault(name, PackedHessian(x.shape[1])).add(x)
                         del x
                     v = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
                     amax[name] = v if name not in amax else np.maximum(amax[name], v)
@@ -368,7 +317,7 @@ class Int8DynamicPass:
                     lo, hi = float(value.min()), float(value.max())
                     old = self._ranges.get(name, (lo, hi))
                     self._ranges[name] = (min(lo, old[0]), max(hi, old[1]))
-        _Hessian.release()
+        PackedHessian.release()
         done = 0
         for a, consumers in groups.values():
             if a.name not in amax:
@@ -408,7 +357,7 @@ class Int8DynamicPass:
             )
             h_smooth = hess.pop(a.name, None)
             if h_smooth is not None:
-                h_smooth.smooth = inv_s  # applied when a weight needs it (see _Hessian.matrix)
+                h_smooth.smooth = inv_s  # applied when a weight needs it (see PackedHessian.matrix)
             for node, m in zip(consumers, mats):
                 trans = bool(node.op == "Gemm" and int(node.attrs.get("transB", 0)))
                 if len(outl):

@@ -13,7 +13,7 @@ every quantized MatMul/Gemm of the main graph are read with an :class:`Activatio
 time (a feed whose inputs share a dynamic leading batch axis is split into slices of
 ``calibration_rows`` samples), and ``H = sum X^T X`` is accumulated per activation tensor in float32
 (Q, K and V projections share one); a weight read by several MatMuls gets the sum of their
-Hessians. Hessians are gathered for groups of weights whose Hessians fit ``hessian_bytes``, one pass
+Hessians. Hessians (packed triangles) are gathered for groups of weights whose Hessians fit ``hessian_bytes``, one pass
 over the calibration data per group. Gather tables and weights whose activations cannot be tapped
 (consumers inside If/Loop/Scan bodies) use round-to-nearest (``stats["gptq_fallback"]`` says why).
 ``rtn`` rounds to nearest; ``auto`` is ``gptq`` when calibration data is given, else ``rtn``.
@@ -134,15 +134,24 @@ import onnx_graphsurgeon as gs
 
 from ...errors import OnnxCompressError
 from ...graph import GraphTree, Model, all_tensor_names, constant_meta, constant_value, fresh_name, iter_nodes
-from ...io import export_model, stage
-from ...validate import make_session
+from ...io import stage
+from ...validate import release_memory
 from ..base import GraphSize, Params, PassContext, PassReport, is_excluded
-from ..calibrate import ActivationTap, has_batch_axis, require_calibration, split_feed, tappable
+from ..calibrate import (
+    ActivationTap,
+    has_batch_axis,
+    open_session,
+    require_calibration,
+    split_feed,
+    tappable,
+    trim_heap,
+)
 from ._common import refuse_quantized
 from .awq import ALPHAS, Scaling, scaled_hessian
 from .awq import search as awq_search
 from .gptq import (
     SCALE_BITS,
+    PackedHessian,
     PreparedHessian,
     Quantized,
     gptq,
@@ -163,6 +172,7 @@ DEFAULT_DAMP = 0.1  # measured on MiniLM: 0.1 beats 0.01 (0.954 vs 0.950 worst c
 SCALE_CHOICES = (0, *SCALE_BITS)  # 0: auto (8 when the budget spends the bytes saved on 8-bit blocks, else 16)
 DEFAULT_SCALE_BITS = 0  # --param scale_bits default (auto); Int4Config() itself keeps float16 scales (16)
 AWQ_MODES = ("auto", "true", "false")
+HESSIAN_BYTES = 20 << 20  # packed Hessians per pass over the calibration data (MiniLM: 2 passes of 3 layers)
 DEFAULT_AWQ = "false"  # --param awq default (measured: no gain with GPTQ on MiniLM's worst sentence, see above)
 
 
@@ -210,7 +220,7 @@ class Int4Config:
     embedding_block: int = 0
     min_elements: int = 256
     calibration_rows: int = 8
-    hessian_bytes: int = 128 << 20
+    hessian_bytes: int = HESSIAN_BYTES
     mask_padding: bool = True
     sample_weighting: bool = True
     budget: float = 0.0
@@ -378,6 +388,7 @@ class Int4Pass:
             start = time.perf_counter()
             wide = self._choose_int8(model, todo, fitted, ctx, stats, before.bytes)
             stats["sensitivity_seconds"] = round(time.perf_counter() - start, 3)
+            release_memory()  # the session's and the dequantized copies' pages (MiniLM: -45 MB)
         names = all_tensor_names(model.graph) if todo else set()
         layers: list[dict[str, Any]] = []
         forms: dict[str, int] = {}
@@ -543,12 +554,18 @@ class Int4Pass:
                 for w, _ in group:
                     fallback.append({"tensor": w.tensor.name, "reason": f"calibration failed: {exc}"})
                 continue
-            summed: dict[tuple[tuple[str, bool], ...], np.ndarray | str] = {}
+            last = {a: i for i, (_, acts) in enumerate(group) for a in acts}  # a Hessian's last reader
+            summed: dict[tuple[tuple[str, bool], ...], np.ndarray | str | None] = {}  # None: prepared only
             prepared: dict[tuple[tuple[str, bool], ...], PreparedHessian | str] = {}
-            for w, acts in group:
+            for index, (w, acts) in enumerate(group):
                 key = tuple(acts)
                 if key not in summed:  # only the latest (Q, K and V are consecutive): bounded memory
-                    summed = {key: self._summed(w, acts, hessians)}
+                    summed, prepared = {}, {}
+                    k = _k_of(constant_meta(w.tensor)[0], w.uses[0].red_axis)  # type: ignore[index]
+                    summed = {key: summed_hessian(hessians, acts, k, wide=self._awq or not self._gptq)}
+                for a in acts:  # consumed: free each Hessian after its last reader has summed it
+                    if last[a] == index:
+                        hessians.pop(a, None)
                 h = summed[key]
                 if isinstance(h, str):
                     fallback.append({"tensor": w.tensor.name, "reason": h})
@@ -560,6 +577,7 @@ class Int4Pass:
                 wk = _as_rows(value, w.uses[0].red_axis)
                 scaling: Scaling | None = None
                 if self._awq:
+                    assert h is not None  # kept for every reader when AWQ runs
                     start = time.perf_counter()
                     scaling = self._awq_search(w, wk, h)
                     awq_seconds += time.perf_counter() - start
@@ -573,9 +591,13 @@ class Int4Pass:
                         prep = prepared.get(key)
                     if self._gptq:
                         if prep is None:
+                            assert h is not None  # dropped only once prepared
                             prep = self._prepare(h)
                             if scaling is None:
                                 prepared[key] = prep
+                                if not self._awq:  # the next readers of this Hessian need only prep
+                                    summed[key] = None
+                        h = None  # GPTQ reads prep only: the float64 matrix can go now
                         if isinstance(prep, str):
                             fallback.append({"tensor": w.tensor.name, "reason": prep})
                             continue
@@ -588,6 +610,7 @@ class Int4Pass:
                             scale_bits=self._scale_bits_of(w),
                         )
                     else:
+                        assert h is not None  # only GPTQ drops it
                         q = quantize_rtn(
                             wk,
                             cfg.block_size,
@@ -604,6 +627,7 @@ class Int4Pass:
                 except ValueError as exc:
                     fallback.append({"tensor": w.tensor.name, "reason": str(exc)})
                 del value, wk
+                trim_heap()  # the weight's float64 K x K temporaries (they raise glibc's mmap threshold)
             del prepared, summed
             del hessians
         stats["gptq_layers"] = layers
@@ -611,19 +635,6 @@ class Int4Pass:
             stats["awq_seconds"] = round(awq_seconds, 3)
             stats["awq_scaled"] = len(self._alphas)
         return out
-
-    def _summed(
-        self, w: _Weight, acts: list[tuple[str, bool]], hessians: dict[tuple[str, bool], np.ndarray]
-    ) -> np.ndarray | str:
-        """The Hessian of ``w`` (float64, the sum over its consumers), or why it cannot be used."""
-        k = _k_of(constant_meta(w.tensor)[0], w.uses[0].red_axis)  # type: ignore[index]
-        hs = [hessians.get(a) for a in acts]
-        if any(h is None or h.shape != (k, k) for h in hs):
-            return "activation width does not match K"
-        h = np.sum(hs, axis=0, dtype=np.float64)
-        if not np.all(np.isfinite(h)):
-            return "non-finite calibration activations"
-        return h
 
     def _prepare(self, h: np.ndarray) -> PreparedHessian | str:
         """The factored, damped Hessian for GPTQ, or why GPTQ cannot use it."""
@@ -720,33 +731,18 @@ class Int4Pass:
     ) -> dict[str, float]:
         """``{tensor name: output error with all candidates int4 - with that one float32}`` (see above)."""
         names = {w.tensor.name for w in cands}
-        proto = export_model(model, type_check=False)
-        kept = [i for i in proto.graph.initializer if i.name not in names]
-        moved = [i for i in proto.graph.initializer if i.name in names]
-        listed = {i.name for i in proto.graph.input}
-        for i in moved:
-            if i.name not in listed:
-                proto.graph.input.append(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)))
-        del proto.graph.initializer[:]
-        proto.graph.initializer.extend(kept)
-        del kept, moved
-        floats: dict[str, np.ndarray] = {}
-        quant: dict[str, np.ndarray] = {}
         cfg = self.config
-        for w in cands:
-            value = np.asarray(constant_value(w.tensor, cache=False), dtype=np.float32)
-            floats[w.tensor.name] = value
-            q = fitted.get(id(w.tensor))  # GPTQ; round-to-nearest for Gather tables and fallbacks
-            if q is None:
-                rows = _as_rows(value, w.uses[0].red_axis)
-                q = quantize_rtn(rows, self._block_of(w), cfg.symmetric, cfg.clip_search, self._scale_bits_of(w))
-            deq = q.dequantize()
-            quant[w.tensor.name] = np.ascontiguousarray(deq.T if w.uses[0].red_axis == 0 else deq)
+
+        def float_value(w: _Weight) -> np.ndarray:  # read again when needed: one float copy at a time
+            return np.asarray(constant_value(w.tensor, cache=False), dtype=np.float32)
+
         folder = Path(tempfile.mkdtemp(prefix="onnxcompress-int4-"))
         try:
-            path = stage(proto, folder / "sensitivity.onnx", check=False).commit()
-            del proto
-            session = make_session(path, threads=0)
+            # Written from the graph with the weights in an external-data file (onnxruntime maps it: the
+            # weights are not parsed out of a protobuf and copied), then the candidates made graph inputs.
+            full = stage(model, folder / "model.onnx", external=True, check=False, type_check=False).commit()
+            path = _inputs_from_initializers(full, names, folder / "sensitivity.onnx")
+            session = open_session(path, spinning=False)  # as make_session: Python work between runs
             outputs = [o.name for o in session.get_outputs()]
 
             def run(values: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
@@ -756,7 +752,17 @@ class Int4Pass:
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     raise OnnxCompressError(f"sensitivity run failed: {first[:200]}") from None
 
-            ref = run(floats)
+            ref = run({w.tensor.name: float_value(w) for w in cands})  # the float copies go after this run
+            quant: dict[str, np.ndarray] = {}
+            for w in cands:
+                q = fitted.get(id(w.tensor))  # GPTQ; round-to-nearest for Gather tables and fallbacks
+                if q is None:
+                    rows = _as_rows(float_value(w), w.uses[0].red_axis)
+                    q = quantize_rtn(rows, self._block_of(w), cfg.symmetric, cfg.clip_search, self._scale_bits_of(w))
+                    del rows
+                deq = q.dequantize()
+                quant[w.tensor.name] = np.ascontiguousarray(deq.T if w.uses[0].red_axis == 0 else deq)
+                del q, deq
 
             def error(values: dict[str, np.ndarray]) -> float:
                 total = 0.0
@@ -772,48 +778,125 @@ class Int4Pass:
             gains = {}
             for w in cands:
                 name = w.tensor.name
-                gains[name] = base - error({**quant, name: floats[name]})
+                gains[name] = base - error({**quant, name: float_value(w)})
             return gains
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
     def _hessians(
         self, model: Model, group: list[tuple[_Weight, list[tuple[str, bool]]]], feeds: list[dict[str, np.ndarray]]
-    ) -> dict[tuple[str, bool], np.ndarray]:
-        """``{(activation, transposed): sum X^T X}`` over all calibration feeds (float32)."""
+    ) -> dict[tuple[str, bool], PackedHessian]:
+        """``{(activation, transposed): sum X^T X}`` over all calibration feeds (:func:`collect_hessians`)."""
+        cfg = self.config
         wanted = list(dict.fromkeys(a for _, acts in group for a in acts))
-        names = list(dict.fromkeys(n for n, _ in wanted))
-        sums: dict[tuple[str, bool], np.ndarray] = {}
-        batch_axis = has_batch_axis(model)
-        with ActivationTap(model, names) as tap:
-            for feed in feeds:
-                for part in split_feed(feed, self.config.calibration_rows if batch_axis else 0):
-                    values = tap.run(part)
-                    mask = _token_mask(part) if self.config.mask_padding else None
-                    for name, trans in wanted:
-                        a = np.asarray(values[name])
-                        if a.dtype != np.float32 or a.ndim == 0:
-                            continue
-                        if trans:
-                            x = a.reshape(a.shape[0], -1).T if a.ndim == 2 else None
-                        elif mask is not None and a.ndim == 3 and a.shape[:2] == mask.shape:
-                            x = a[mask]
-                            if self.config.sample_weighting:  # every sample weighs the same, whatever its length
-                                counts = mask.sum(axis=1, keepdims=True)
-                                root = np.sqrt(np.float32(mask.shape[1]) / np.maximum(counts, 1), dtype=np.float32)
-                                x = x * np.broadcast_to(root, mask.shape)[mask][:, None]
-                        else:
-                            x = a.reshape(-1, a.shape[-1])
-                        if x is None:
-                            continue
-                        xtx = x.T @ x
-                        prev = sums.get((name, trans))
-                        if prev is None:
-                            sums[(name, trans)] = xtx
-                        elif prev.shape == xtx.shape:
-                            prev += xtx
-                    del values
-        return sums
+        return collect_hessians(
+            model,
+            wanted,
+            feeds,
+            cfg.calibration_rows,
+            mask_padding=cfg.mask_padding,
+            sample_weighting=cfg.sample_weighting,
+        )
+
+
+def collect_hessians(
+    model: Model,
+    wanted: list[tuple[str, bool]],
+    feeds: list[dict[str, np.ndarray]],
+    rows: int,
+    *,
+    mask_padding: bool = True,
+    sample_weighting: bool = True,
+) -> dict[tuple[str, bool], PackedHessian]:
+    """``{(activation, transposed): sum X^T X}`` over all calibration feeds, packed (float32 upper triangles).
+
+    ``(name, transposed)``: ``X`` is the activation ``[..., K]`` read as ``[rows, K]``, or (transposed,
+    a ``transA`` Gemm) a 2-D activation ``[K, rows]``. Feeds are cut into slices of ``rows`` samples
+    when the model has a batch axis. ``mask_padding`` / ``sample_weighting``: see :class:`Int4Config`
+    (token models with a 2-D ``*mask*`` input). Activations that are not float32 are left out.
+
+    Raises:
+        OnnxCompressError: if onnxruntime cannot run the model on a feed.
+    """
+    names = list(dict.fromkeys(n for n, _ in wanted))
+    sums: dict[tuple[str, bool], PackedHessian] = {}
+    batch_axis = has_batch_axis(model)
+    with ActivationTap(model, names) as tap:
+        for feed in feeds:
+            for part in split_feed(feed, rows if batch_axis else 0):
+                values = tap.run(part)
+                mask = _token_mask(part) if mask_padding else None
+                last = {name: i for i, (name, _) in enumerate(wanted)}
+                for i, (name, trans) in enumerate(wanted):
+                    a = np.asarray(values[name] if last[name] > i else values.pop(name))  # freed once read
+                    if a.dtype != np.float32 or a.ndim == 0:
+                        continue
+                    if trans:
+                        x = a.reshape(a.shape[0], -1).T if a.ndim == 2 else None
+                    elif mask is not None and a.ndim == 3 and a.shape[:2] == mask.shape:
+                        x = a[mask]
+                        if sample_weighting:  # every sample weighs the same, whatever its length
+                            counts = mask.sum(axis=1, keepdims=True)
+                            root = np.sqrt(np.float32(mask.shape[1]) / np.maximum(counts, 1), dtype=np.float32)
+                            x = x * np.broadcast_to(root, mask.shape)[mask][:, None]
+                    else:
+                        x = a.reshape(-1, a.shape[-1])
+                    if x is None:
+                        continue
+                    prev = sums.get((name, trans))
+                    if prev is None:
+                        sums[(name, trans)] = prev = PackedHessian(x.shape[1])
+                    if prev.k == x.shape[1]:
+                        prev.add(x)
+                    del x
+                del values
+                trim_heap()  # the slice's outputs and temporaries are freed by now
+    PackedHessian.release()
+    return sums
+
+
+def summed_hessian(
+    hessians: dict[tuple[str, bool], PackedHessian], acts: list[tuple[str, bool]], k: int, wide: bool = True
+) -> np.ndarray | str:
+    """The Hessian of a weight read through ``acts`` (float64, the sum over its consumers), or why it cannot be used.
+
+    ``wide=False``: a single consumer's Hessian is returned as float32 (the same values, half the bytes; for
+    :func:`~.gptq.prepare_hessian`, which copies it into float64 anyway).
+    """
+    hs = [hessians.get(a) for a in acts]
+    if any(h is None or h.k != k for h in hs):
+        return "activation width does not match K"
+    if not wide and len(hs) == 1:
+        only = hs[0].matrix()  # type: ignore[union-attr]
+        return only if np.all(np.isfinite(only)) else "non-finite calibration activations"
+    total: np.ndarray | None = None
+    for packed in hs:
+        assert packed is not None
+        m = packed.matrix()
+        if total is None:
+            total = m.astype(np.float64)
+        else:
+            total += m
+        del m
+    assert total is not None
+    if not np.all(np.isfinite(total)):
+        return "non-finite calibration activations"
+    return total
+
+
+def _inputs_from_initializers(path: Path, names: set[str], out: Path) -> Path:
+    """Copy of the model ``path`` (external data, read in place) whose initializers ``names`` are graph inputs."""
+    proto = onnx.load(str(path), load_external_data=False)
+    kept = [i for i in proto.graph.initializer if i.name not in names]
+    moved = [i for i in proto.graph.initializer if i.name in names]
+    listed = {i.name for i in proto.graph.input}
+    for i in moved:
+        if i.name not in listed:
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)))
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    onnx.save(proto, str(out))
+    return out
 
 
 def _use_of(node: gs.Node, graph: gs.Graph) -> tuple[_Use | None, gs.Tensor | None, str | None]:
@@ -867,17 +950,18 @@ def _as_rows(value: np.ndarray, red_axis: int) -> np.ndarray:
 def _groups(
     plans: list[tuple[_Weight, list[tuple[str, bool]]]], budget: int
 ) -> Iterator[list[tuple[_Weight, list[tuple[str, bool]]]]]:
-    """Consecutive weights whose distinct activations' Hessians (float32 ``K x K``) fit ``budget`` bytes."""
+    """Consecutive weights whose distinct activations' Hessians (packed float32 triangles, ``2 K (K + 1)``
+    bytes each: :class:`~.gptq.PackedHessian`) fit ``budget`` bytes."""
     group: list[tuple[_Weight, list[tuple[str, bool]]]] = []
     seen: set[tuple[str, bool]] = set()
     used = 0
     for w, acts in plans:
         k = _k_of(constant_meta(w.tensor)[0], w.uses[0].red_axis)  # type: ignore[index]
-        extra = sum(4 * k * k for a in acts if a not in seen)
+        extra = sum(2 * k * (k + 1) for a in acts if a not in seen)
         if group and used + extra > budget:
             yield group
             group, seen, used = [], set(), 0
-            extra = 4 * k * k * len(acts)
+            extra = 2 * k * (k + 1) * len(acts)
         group.append((w, acts))
         seen.update(acts)
         used += extra
