@@ -576,7 +576,7 @@ def _accuracy(outputs: list[np.ndarray], labels: np.ndarray) -> float:
 # --------------------------------------------------------------------------- running
 
 
-def make_session(path: str | Path, threads: int = 0, fold: bool = True) -> Any:
+def make_session(path: str | Path, threads: int = 0, fold: bool = True, arena: bool = True) -> Any:
     """An onnxruntime CPU session opened from a file path.
 
     Args:
@@ -589,6 +589,8 @@ def make_session(path: str | Path, threads: int = 0, fold: bool = True) -> Any:
             fraction of the memory (MiniLM int8-weights: +40 MB instead of +190 MB at load; float16
             weights are expanded by the layout level too). If the model cannot be loaded that way,
             it is loaded with the defaults.
+        arena: Keep onnxruntime's CPU memory arena. Without, a run's buffers go back when it ends and
+            outputs handed to numpy do not pin arena chunks (calibration taps: MiniLM -30 MB).
 
     The intra-op threads do not spin between operators (``session.intra_op.allow_spinning=0``): a
     spinning pool keeps the cores busy while Python slices and concatenates the feeds between runs,
@@ -608,6 +610,7 @@ def make_session(path: str | Path, threads: int = 0, fold: bool = True) -> Any:
             threads = max(0, int(os.environ.get("ONNXCOMPRESS_THREADS", "0") or 0))
     if threads:
         opts.intra_op_num_threads = threads
+    opts.enable_cpu_mem_arena = arena
     if not fold:
         lean = ort.SessionOptions()
         lean.log_severity_level = 4
@@ -736,9 +739,19 @@ def run_session(
 
 
 def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the system (glibc ``malloc_trim``), so that
+    """Collect garbage and hand freed heap pages back to the system (:func:`trim_heap`), so that
     memory freed by one stage (a graph, a session) is not counted again under the next one."""
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand the free pages of the C heap back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    onnxruntime's outputs and numpy temporaries of a few MB are carved from the heap once glibc's
+    dynamic mmap threshold has risen; freed, they stay resident between live blocks. Trimming after
+    each calibration slice keeps that from accumulating (MiniLM, int8-dynamic: -45 MB).
+    """
     global _TRIM
     if _TRIM is None:
         try:

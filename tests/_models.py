@@ -265,3 +265,39 @@ def conv_bn_model(
     if extra_reader:
         outputs.append(h.make_tensor_value_info("c", T.FLOAT, ["N", cout, 6, 6]))
     return _model(h.make_graph(nodes, "conv_bn", inputs, outputs, inits), opset)
+
+
+_RSS_DRIVER = """
+import json, sys
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+import numpy, onnx, onnxruntime
+from onnxcompress import cli
+base = status("VmRSS")
+code = cli.main(sys.argv[2:])
+json.dump({"code": code, "base": base, "peak": status("VmHWM")}, open(sys.argv[1], "w"))
+"""
+
+
+def cli_peak_rss(argv: list[str], result: Path, timeout: float = 120) -> tuple[int, int, str]:
+    """Run ``onnxcompress ARGV`` in a fresh process: ``(exit code, peak RSS above the RSS after the
+    imports in bytes, stderr)`` (``VmHWM`` - ``VmRSS`` once numpy, onnx, onnxruntime and the CLI are in)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _RSS_DRIVER, str(result), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    if not result.exists():
+        return -1, 0, proc.stderr[-2000:]
+    data = json.loads(result.read_text())
+    return int(data["code"]), int(data["peak"] - data["base"]), proc.stderr[-2000:]

@@ -12,10 +12,7 @@ Python and onnxruntime is not the model's.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
-from _models import matmul_model, save
+from _models import cli_peak_rss, matmul_model, save
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -74,39 +71,15 @@ def _big_model(path: Path, layers: int = 6, width: int = 2048, seed: int = 0) ->
     return path.stat().st_size
 
 
-_DRIVER = """
-import json, sys
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-import numpy, onnx, onnxruntime
-from onnxcompress import cli
-base = status("VmRSS")
-code = cli.main(sys.argv[2:])
-json.dump({"code": code, "base": base, "peak": status("VmHWM")}, open(sys.argv[1], "w"))
-"""
-
-
 # Measured: 1.4x for both (before this work: 4.2x fp16, 5.4x int8-weights).
 @pytest.mark.parametrize(("mode", "bound"), [("fp16", 2.0), ("int8-weights", 2.0)])
 def test_compress_peak_rss_above_imports_is_bounded(tmp_path: Path, mode: str, bound: float) -> None:
     model = tmp_path / "big.onnx"
     size = _big_model(model)
     assert size > 95 * MB
-    result = tmp_path / "rss.json"
     argv = [str(model), "-o", str(tmp_path / "out.onnx"), "-q", mode, "--no-transport-size", "--force"]
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _DRIVER, str(result), "compress", *argv],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    data = json.loads(result.read_text())
-    assert data["code"] == 0, proc.stderr[-2000:]
-    delta = data["peak"] - data["base"]
+    code, delta, stderr = cli_peak_rss(["compress", *argv], tmp_path / "rss.json")
+    assert code == 0, stderr
     # The whole run (load, fold, the pass, write, onnx's checker, two onnxruntime sessions one after
     # the other) above the imports: the peak is the session on the fp32 original (from an
     # external-data copy: its weights once).

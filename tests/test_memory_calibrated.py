@@ -13,16 +13,12 @@ bound its peak RSS above the RSS after imports (see ``tests/test_memory.py``).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from _models import matmul_model, save
+from _models import cli_peak_rss, matmul_model, save
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -69,20 +65,6 @@ def _deep_model(path: Path, layers: int = 12, width: int = 1024, seq: int = 64, 
     return path.stat().st_size
 
 
-_DRIVER = """
-import json, sys
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-import numpy, onnx, onnxruntime
-from onnxcompress import cli
-base = status("VmRSS")
-code = cli.main(sys.argv[2:])
-json.dump({"code": code, "base": base, "peak": status("VmHWM")}, open(sys.argv[1], "w"))
-"""
-
-
 # Measured on the 48 MB model (fixed costs weigh more than on MiniLM): int8-static 2.2x (before this work:
 # 4.1x: all 36 tapped activations of 8 samples at once, the tap's session parsing an inline copy),
 # int8-dynamic 3.4x (before: 6.4x: full Hessians, smoothed float copies of every weight, heap growth).
@@ -91,19 +73,9 @@ def test_calibrated_compress_peak_rss_is_bounded(tmp_path: Path, mode: str, boun
     model = tmp_path / "deep.onnx"
     size = _deep_model(model)
     assert size > 45 * MB
-    result = tmp_path / "rss.json"
     argv = [str(model), "-o", str(tmp_path / "out.onnx"), "-q", mode, "--no-transport-size", "--force"]
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _DRIVER, str(result), "compress", *argv],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    data = json.loads(result.read_text())
-    assert data["code"] in (0, 1), proc.stderr[-2000:]  # 1: validation failed, written anyway (--force)
-    delta = data["peak"] - data["base"]
+    code, delta, stderr = cli_peak_rss(["compress", *argv], tmp_path / "rss.json")
+    assert code in (0, 1), stderr  # 1: validation failed, written anyway (--force)
     assert delta < bound * size, f"{mode}: peak RSS {delta / MB:.0f} MB above imports for a {size / MB:.0f} MB model"
 
 

@@ -18,8 +18,6 @@ an error (:meth:`ActivationTap.available` tells which names can be tapped).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -31,7 +29,7 @@ import numpy as np
 from ..errors import OnnxCompressError
 from ..graph import Model, constant_bytes
 from ..io import stage
-from ..validate import release_memory
+from ..validate import make_session, release_memory, trim_heap
 
 # Samples per onnxruntime run in ActivationTap.iterate: tapping every activation of a whole feed
 # (MiniLM, 64 calibration sentences) would hold hundreds of MB at once.
@@ -88,7 +86,7 @@ class ActivationTap:
             staged = stage(
                 model, self._dir / "tap.onnx", external=external, check=False, type_check=False, extra_outputs=wanted
             )
-            self._session = open_session(staged.commit(), threads)
+            self._session = make_session(staged.commit(), threads=threads, arena=False)
         except BaseException:
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
@@ -138,61 +136,6 @@ class ActivationTap:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-_MALLOC_TRIM: Any = None
-
-
-def trim_heap() -> None:
-    """Hand the free pages of the C heap back to the system (glibc ``malloc_trim``; a no-op elsewhere).
-
-    onnxruntime's outputs and numpy temporaries of a few MB are carved from the heap once glibc's
-    dynamic mmap threshold has risen; freed, they stay resident between live blocks. Trimming after
-    each calibration slice keeps that from accumulating (MiniLM, int8-dynamic: -45 MB).
-    """
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            import ctypes
-
-            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-def open_session(path: Path, threads: int = 0, spinning: bool = True) -> Any:
-    """An onnxruntime CPU session on a scratch copy (the tap's, or any internal model written with its
-    weights in an external-data file, which onnxruntime maps), without a memory arena.
-
-    ``spinning=False``: the intra-op threads do not spin between operators (for callers that run the
-    session many times with Python work in between, see :func:`~onnxcompress.validate.make_session`).
-
-    Raises:
-        OnnxCompressError: with onnxruntime's first line when the model cannot be loaded.
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4  # errors are raised as exceptions
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if not threads:
-        with contextlib.suppress(ValueError):
-            threads = max(0, int(os.environ.get("ONNXCOMPRESS_THREADS", "0") or 0))
-    if threads:
-        opts.intra_op_num_threads = threads
-    # No arena: a run's buffers go back when it ends, and the tapped outputs handed to numpy do not
-    # pin arena chunks (MiniLM, int8-dynamic's tap: -30 MB). Pre-packing stays on: its kernels are
-    # the ones the activations were always computed with (packed weights are read instead of the
-    # mapped originals, so they cost little more).
-    opts.enable_cpu_mem_arena = False
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OnnxCompressError(f"calibration: onnxruntime cannot load the model: {first[:300]}") from None
 
 
 def require_calibration(feeds: list[dict[str, np.ndarray]] | None, technique: str) -> list[dict[str, np.ndarray]]:

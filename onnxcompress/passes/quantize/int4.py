@@ -135,12 +135,11 @@ import onnx_graphsurgeon as gs
 from ...errors import OnnxCompressError
 from ...graph import GraphTree, Model, all_tensor_names, constant_meta, constant_value, fresh_name, iter_nodes
 from ...io import stage
-from ...validate import release_memory
+from ...validate import make_session, release_memory
 from ..base import GraphSize, Params, PassContext, PassReport, is_excluded
 from ..calibrate import (
     ActivationTap,
     has_batch_axis,
-    open_session,
     require_calibration,
     split_feed,
     tappable,
@@ -742,7 +741,7 @@ class Int4Pass:
             # weights are not parsed out of a protobuf and copied), then the candidates made graph inputs.
             full = stage(model, folder / "model.onnx", external=True, check=False, type_check=False).commit()
             path = _inputs_from_initializers(full, names, folder / "sensitivity.onnx")
-            session = open_session(path, spinning=False)  # as make_session: Python work between runs
+            session = make_session(path, arena=False)
             outputs = [o.name for o in session.get_outputs()]
 
             def run(values: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
