@@ -7,28 +7,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import batch as batch_mod
 from . import recipe as recipe_mod
 from .io import parse_size
 from .report import to_json
 
+if TYPE_CHECKING:
+    from . import batch as batch_mod
+
+# onnxcompress.batch (multiprocessing, process pools) and rich.progress are imported by the command
+# itself: every other command of the CLI starts without them.
+
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
-_STYLE = {
-    batch_mod.OK: "green",
-    batch_mod.VALIDATION_FAILED: "yellow",
-    batch_mod.ERROR: "red",
-    batch_mod.INTERRUPTED: "red",
-    batch_mod.NOT_RUN: "dim",
-}
+# batch_mod.OK, VALIDATION_FAILED, ERROR, INTERRUPTED, NOT_RUN (tests/test_cli_startup.py checks the keys)
+_STYLE = {"ok": "green", "validation-failed": "yellow", "error": "red", "interrupted": "red", "not-run": "dim"}
 
 
 def _size(n: int | None) -> str:
@@ -49,7 +48,7 @@ def _line(r: batch_mod.ModelResult) -> str:
     fid = f"cos {r.fidelity:.5f}" if r.fidelity is not None else "cos -"
     ratio = f"x{r.size_ratio:.3f}" if r.size_ratio is not None else ""
     head = f"{_status(r)} {r.rel}: {_size(r.size_before)} -> {_size(r.size_after)} {ratio} {fid} {r.seconds:.1f}s"
-    return head + (f" [dim]({r.reason})[/]" if r.reason and r.status != batch_mod.OK else "")
+    return head + (f" [dim]({r.reason})[/]" if r.reason and r.status != "ok" else "")
 
 
 def summary_table(report: batch_mod.BatchReport) -> Table:
@@ -122,6 +121,10 @@ def batch(
 
     Exit code: 0 all ok, 1 some failed validation, 2 some could not be processed.
     """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import batch as batch_mod
+
     r = recipe_mod.load_recipe(recipe)
     show = not json_out
     progress = Progress(

@@ -25,9 +25,14 @@ def register(app: typer.Typer) -> None:
     """
     if any(getattr(c, "name", None) == "pack" for c in app.registered_commands):
         return
+    import importlib
+
     from . import cli
-    from . import transport as tr
     from .report import to_json, write_json
+
+    def tr() -> Any:
+        """onnxcompress.transport (its codecs), imported when one of these commands runs."""
+        return importlib.import_module(".transport", __package__)
 
     def _finish(data: dict[str, Any], report: Path | None, json_out: bool, lines: list[str]) -> None:
         if report:
@@ -47,7 +52,7 @@ def register(app: typer.Typer) -> None:
         json_out: cli.JsonOpt = False,
     ) -> None:
         """Pack MODEL into a transport package: every tensor entropy-coded by kind, restored bit-identical."""
-        s = tr.pack(model, output, force=force)
+        s = tr().pack(model, output, force=force)
         _finish(
             s,
             report,
@@ -71,7 +76,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Restore the model in PACKAGE, checking every tensor and file hash (nothing is written on a mismatch)."""
         t0 = time.perf_counter()
-        r = tr.unpack(package, output, force=force)
+        r = tr().unpack(package, output, force=force)
         _finish(
             r,
             report,
@@ -90,7 +95,7 @@ def register(app: typer.Typer) -> None:
         json_out: cli.JsonOpt = False,
     ) -> None:
         """Write a patch that turns OLD into NEW exactly (tensors coded as deltas against OLD's)."""
-        s = tr.diff(old, new, output, force=force)
+        s = tr().diff(old, new, output, force=force)
         _finish(
             s,
             report,
@@ -113,7 +118,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Apply PATCH to OLD and write NEW, bit-identical to the model diff was given (hashes checked)."""
         t0 = time.perf_counter()
-        r = tr.patch(old, patch_file, output, force=force)
+        r = tr().patch(old, patch_file, output, force=force)
         _finish(
             r,
             report,

@@ -47,13 +47,19 @@ Everything is vectorised over rows; the loop runs over columns (``K`` iterations
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 QMAX_U4 = 15
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 ROW_CHUNK = 256  # rows per chunk in the clipping search: its temporaries stay in cache (rows are independent)
+ROW_THREADS = 0  # 0: ONNXCOMPRESS_THREADS if set, else every usable core (at most 4); 1: no threads
+SEARCH_CHUNK = 1 << 18  # values per chunk of rows in the clipping search (at most; its buffers stay near L2)
+MIN_CHUNK_ROWS = 64  # a weight is split for the threads only into chunks of at least this many rows
+SPARSE_SEARCH = 0.5  # a candidate alive on at most this share of the blocks is evaluated on those blocks only
 SCALE_BITS = (8, 16)
 SCALE_CODE_MAX = 127  # int8 scale codes (scale_bits=8)
 SCALE_HEADROOM = 1.1  # the step leaves room for GPTQ-updated values beyond the row's original maximum
@@ -123,6 +129,18 @@ def round_scales(s: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(half), half.astype(np.float32), s).astype(np.float32)
 
 
+def _round_scales_fast(s: np.ndarray) -> np.ndarray:
+    """:func:`round_scales` in fewer passes when no value needs its special cases (zero, tiny, non-finite
+    or beyond float16): then it is the float16 rounding alone; else :func:`round_scales` itself."""
+    s = s.astype(np.float32, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = s.astype(np.float16).astype(np.float32)
+    mag = np.abs(s)
+    if mag.size and mag.min() >= np.finfo(np.float16).tiny and np.isfinite(out).all():  # NaN fails the first test
+        return out
+    return round_scales(s)
+
+
 def row_scale_step(w: np.ndarray) -> np.ndarray:
     """The per-row step ``[N]`` of int8 scale codes for ``w [N, K]`` (float16-representable float32)."""
     w = np.asarray(w, dtype=np.float32)
@@ -143,6 +161,81 @@ def snap_scales(s: np.ndarray, step: np.ndarray, up: bool = False) -> np.ndarray
     return (c * step).astype(np.float32)
 
 
+def _candidate_table(
+    wb: np.ndarray,
+    symmetric: bool,
+    ratios: tuple[float, ...],
+    step: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
+    xt: np.ndarray | None = None,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray | None]:
+    """The candidates of :func:`_candidates`, and per block the values ``[..., p]`` of probe elements (the
+    value of largest magnitude; asymmetric: the minimum and the maximum) with their ``weights`` (broadcast
+    to ``wb``; None: unweighted), whose error terms bound a candidate's error from below (:func:`block_params`).
+
+    ``xt``: ``wb`` as ``[b, blocks]`` (contiguous), where the extremes are found along the first axis.
+    The scales of every ratio are computed at once, stacked (``[C, ...]``): the same float32 operations
+    per element as one ratio at a time, in a few calls instead of a few per ratio.
+    """
+
+    def rounded(x: np.ndarray) -> np.ndarray:
+        return _round_scales_fast(x) if step is None else snap_scales(x, step)
+
+    def by_ratio(x: np.ndarray, factors: list[float]) -> np.ndarray:
+        """``x * np.float32(f)`` for each ``f``, stacked on a new first axis."""
+        f = np.array(factors, dtype=np.float32).reshape((len(factors),) + (1,) * x.ndim)
+        return x[None] * f
+
+    shape = wb.shape[:-1]
+    if xt is None:
+        xt = np.ascontiguousarray(wb.reshape(-1, wb.shape[-1]).T)
+    out = []
+    pw = None
+    if symmetric:
+        if weights is None:  # the first value of largest magnitude, from the maximum and the minimum
+            mx, mn = xt.max(axis=0), xt.min(axis=0)
+            neg = -mn
+            extreme = np.where(mx > neg, mx, mn)
+            tie = ~((mx > neg) | (neg > mx))  # equal magnitudes (e.g. all-zero blocks), NaN: as argmax does
+            if tie.any():
+                at = np.flatnonzero(tie)
+                rows = wb.reshape(-1, wb.shape[-1])[at]
+                extreme[at] = np.take_along_axis(rows, np.abs(rows).argmax(axis=-1)[:, None], axis=-1)[:, 0]
+            extreme = extreme.reshape(shape)
+            px = extreme[..., None]
+        else:
+            idx = np.abs(wb).argmax(axis=-1)[..., None]
+            px = np.take_along_axis(wb, idx, axis=-1)
+            pw = np.take_along_axis(np.broadcast_to(weights, wb.shape), idx, axis=-1)
+            extreme = px[..., 0]
+        z = np.full(extreme.shape, 8, dtype=np.float32)
+        scales = np.concatenate(
+            [by_ratio(-extreme, [r / 8.0 for r in ratios]), by_ratio(extreme, [r / 7.0 for r in ratios[:3]])]
+        )
+        for s in rounded(scales):
+            out.append((s, z))
+        if step is not None:  # int8 codes are coarse: also the smallest code that clips nothing
+            out.append((snap_scales(-extreme / np.float32(8.0), step, up=True), z))
+            out.append((snap_scales(extreme / np.float32(7.0), step, up=True), z))
+    else:
+        wmin, wmax = xt.min(axis=0).reshape(shape), xt.max(axis=0).reshape(shape)
+        if weights is None:
+            px = np.stack([wmin, wmax], axis=-1)
+        else:
+            idx = np.stack([wb.argmin(axis=-1), wb.argmax(axis=-1)], axis=-1)
+            px = np.take_along_axis(wb, idx, axis=-1)
+            pw = np.take_along_axis(np.broadcast_to(weights, wb.shape), idx, axis=-1)
+        lo = np.minimum(wmin, 0.0)
+        hi = np.maximum(wmax, 0.0)
+        spans = list(rounded(by_ratio(hi - lo, [r / QMAX_U4 for r in ratios])))
+        if step is not None:
+            spans.append(snap_scales((hi - lo) / np.float32(QMAX_U4), step, up=True))
+        for r, s in zip((*ratios, 1.0), spans):
+            z = np.clip(np.rint(-lo * np.float32(r) / s), 0, QMAX_U4).astype(np.float32)
+            out.append((s, z))
+    return out, px, pw
+
+
 def _candidates(
     wb: np.ndarray, symmetric: bool, ratios: tuple[float, ...], step: np.ndarray | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -150,39 +243,71 @@ def _candidates(
 
     ``step`` (broadcastable to ``wb.shape[:-1]``): snap the scales to int8 multiples of it (else float16).
     """
-
-    def rounded(x: np.ndarray) -> np.ndarray:
-        return round_scales(x) if step is None else snap_scales(x, step)
-
-    out = []
-    if symmetric:
-        idx = np.abs(wb).argmax(axis=-1)
-        extreme = np.take_along_axis(wb, idx[..., None], axis=-1)[..., 0]
-        z = np.full(extreme.shape, 8, dtype=np.float32)
-        for r in ratios:
-            out.append((rounded(-extreme * np.float32(r / 8.0)), z))
-        for r in ratios[:3]:
-            out.append((rounded(extreme * np.float32(r / 7.0)), z))
-        if step is not None:  # int8 codes are coarse: also the smallest code that clips nothing
-            out.append((snap_scales(-extreme / np.float32(8.0), step, up=True), z))
-            out.append((snap_scales(extreme / np.float32(7.0), step, up=True), z))
-    else:
-        lo = np.minimum(wb.min(axis=-1), 0.0)
-        hi = np.maximum(wb.max(axis=-1), 0.0)
-        spans = [rounded((hi - lo) * np.float32(r / QMAX_U4)) for r in ratios]
-        if step is not None:
-            spans.append(snap_scales((hi - lo) / np.float32(QMAX_U4), step, up=True))
-        for r, s in zip((*ratios, 1.0), spans):
-            z = np.clip(np.rint(-lo * np.float32(r) / s), 0, QMAX_U4).astype(np.float32)
-            out.append((s, z))
-    return out
+    return _candidate_table(wb, symmetric, ratios, step)[0]
 
 
-def _codes(wb: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
-    u = np.rint(wb / s[..., None])
-    u += z[..., None]
+def _codes(wb: np.ndarray, s: np.ndarray, z: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The codes ``clip(rint(w / s) + z, 0, 15)`` (float32) of blocks along ``axis`` of ``wb`` (the last
+    axis: ``s``, ``z`` are ``wb.shape[:-1]``; the first: ``s``, ``z`` are ``wb.shape[1:]``)."""
+    if axis == -1:
+        s, z = s[..., None], z[..., None]
+    u = np.rint(wb / s)
+    u += z
     np.clip(u, 0, QMAX_U4, out=u)
     return u
+
+
+def _squared_errors(
+    x: np.ndarray, s: np.ndarray, z: np.ndarray, symmetric: bool, weights: np.ndarray | None, u: np.ndarray
+) -> np.ndarray:
+    """The (weighted) squared error terms of the values ``x`` quantized with scales ``s`` and zero points
+    ``z`` (both broadcast to ``x``), computed in ``u`` (``x``'s shape) and returned.
+
+    The clipping search's arithmetic: one sequence of float32 operations per element (whatever the
+    layout), so a term computed on its own equals the same term computed within its block."""
+    np.divide(x, s, out=u)
+    np.rint(u, out=u)
+    if symmetric:  # z == 8 for every candidate: clip(u + 8, 0, 15) - 8 == clip(u, -8, 7) exactly
+        np.clip(u, -8, 7, out=u)
+    else:
+        u += z
+        np.clip(u, 0, QMAX_U4, out=u)
+        u -= z
+    u *= s
+    u -= x
+    np.square(u, out=u)
+    if weights is not None:
+        u *= weights
+    return u
+
+
+def _pairwise_sum(t: np.ndarray) -> np.ndarray:
+    """The sums of the columns of ``t [n, m]``, bit-identical to numpy's ``sum`` of the rows of ``t.T``.
+
+    numpy sums a contiguous float32 row by pairwise summation: up to 8 values one by one; up to 128
+    values in 8 interleaved partial sums, combined as ``((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))``,
+    then the remaining ``n % 8`` values one by one; beyond 128 the two halves (the first a multiple of 8
+    values) summed apart and added. Here every step runs across all ``m`` columns at once (contiguous
+    rows), instead of one short row after another (``tests/test_rtn_threads.py`` checks the identity
+    against numpy for every ``n`` up to 300)."""
+    n = t.shape[0]
+    if n < 8:
+        res = np.zeros(t.shape[1:], t.dtype)
+        for i in range(n):
+            res += t[i]
+        return res
+    if n <= 128:
+        tail = n - n % 8
+        r = t[0:8] + t[8:16] if tail >= 16 else t[0:8].copy()
+        for i in range(16, tail, 8):
+            r += t[i : i + 8]
+        res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+        for i in range(tail, n):
+            res += t[i]
+        return res
+    half = n // 2
+    half -= half % 8
+    return _pairwise_sum(t[:half]) + _pairwise_sum(t[half:])
 
 
 def block_params(
@@ -197,37 +322,115 @@ def block_params(
     ``weights`` (broadcastable to ``wb``, e.g. ``diag H`` of the block's columns) weight the squared
     error minimised by the clipping search. ``step`` (broadcastable to ``wb.shape[:-1]``): int8 scale
     codes on that step (:func:`snap_scales`) instead of float16 scales.
+
+    The search keeps, per block, the first candidate of least error (a later one wins only if its
+    error is strictly smaller), with the float32 arithmetic of :func:`_squared_errors` and numpy's
+    summation (:func:`_pairwise_sum`), on the blocks transposed to ``[b, blocks]`` so that every
+    operation runs along long contiguous rows. A candidate is not evaluated on a block where it
+    provably cannot win: the error is a float32 sum of non-negative terms, which (rounding being
+    monotone) is at least any one of its terms, so a probe element's term (the block's extreme
+    values, computed by the same operations) at least as large as the best error so far rules the
+    candidate out; a candidate left alive on few blocks is evaluated on those only. The result is
+    bit-identical to evaluating every candidate on every block.
     """
-    cands = _candidates(wb, symmetric, CLIP_RATIOS if clip_search else (1.0,), step)
-    best_s, best_z = cands[0]
-    if len(cands) == 1:
-        return best_s, best_z
-    best_s, best_z = best_s.copy(), best_z.copy()
-    best_err = None
-    u = np.empty(wb.shape, np.float32)  # one buffer for every candidate
-    for s, z in cands:
-        np.divide(wb, s[..., None], out=u)
-        np.rint(u, out=u)
-        if symmetric:  # z == 8 for every candidate: clip(u + 8, 0, 15) - 8 == clip(u, -8, 7) exactly
-            np.clip(u, -8, 7, out=u)
-        else:
-            u += z[..., None]
-            np.clip(u, 0, QMAX_U4, out=u)
-            u -= z[..., None]
-        u *= s[..., None]
-        u -= wb
-        np.square(u, out=u)
-        if weights is not None:
-            u *= weights
-        err = u.sum(axis=-1)
-        if best_err is None:
-            best_err = err
+    s, z, _ = _search(wb, symmetric, clip_search, weights, step, codes=False)
+    return s, z
+
+
+def _search(
+    wb: np.ndarray,
+    symmetric: bool,
+    clip_search: bool,
+    weights: np.ndarray | None,
+    step: np.ndarray | None,
+    codes: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`block_params`, and with ``codes`` the codes of the chosen scales, ``[b, blocks]`` (float32)."""
+    shape, b = wb.shape[:-1], wb.shape[-1]
+    m = int(np.prod(shape))
+    flat = wb.reshape(m, b)
+    xt = np.ascontiguousarray(flat.T)  # [b, m]
+    ratios = CLIP_RATIOS if clip_search else (1.0,)
+    cands, px, pw = _candidate_table(wb, symmetric, ratios, step, weights, xt)
+    if len(cands) == 1 or wb.size == 0:
+        s, z = cands[0]
+        return s, z, (_codes(xt, s.reshape(m), z.reshape(m), 0) if codes else None)
+    wts = None if weights is None else np.broadcast_to(weights, wb.shape)
+    wt = None if wts is None else np.ascontiguousarray(wts.reshape(m, b).T)
+    buf = np.empty(b * m, np.float32)  # one buffer for every candidate
+    # lower bounds of every candidate's error per block: the largest probe term
+    scales = np.stack([s for s, _ in cands])
+    zeros = np.stack([z for _, z in cands]) if not symmetric else scales
+    terms = np.empty((len(cands), *px.shape), np.float32)
+    _squared_errors(np.broadcast_to(px, terms.shape), scales[..., None], zeros[..., None], symmetric, pw, terms)
+    bounds = terms.max(axis=-1).reshape(len(cands), m)
+    del terms, px, pw
+    scales = scales.reshape(len(cands), m)
+    zeros = zeros.reshape(len(cands), m)
+    best_s = scales[0].copy()
+    best_z = zeros[0].copy() if not symmetric else np.full(m, 8, np.float32)
+    best_err = _pairwise_sum(_squared_errors(xt, scales[0], zeros[0], symmetric, wt, buf.reshape(b, m)))
+    for c in range(1, len(cands)):
+        alive = ~(bounds[c] >= best_err)  # NaN bounds stay alive
+        k = int(np.count_nonzero(alive))
+        if k == 0:
             continue
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_s = np.where(better, s, best_s)
-        best_z = np.where(better, z, best_z)
-    return best_s.astype(np.float32), best_z.astype(np.float32)
+        s, z = scales[c], zeros[c]
+        if k > SPARSE_SEARCH * m:
+            err = _pairwise_sum(_squared_errors(xt, s, z, symmetric, wt, buf.reshape(b, m)))
+            better = err < best_err
+            np.copyto(best_err, err, where=better)
+            np.copyto(best_s, s, where=better)
+            if not symmetric:
+                np.copyto(best_z, z, where=better)
+            continue
+        sel = np.flatnonzero(alive)
+        w_sel = None if wt is None else np.take(wt, sel, axis=1)
+        x_sel = np.take(xt, sel, axis=1)
+        err = _pairwise_sum(_squared_errors(x_sel, s[sel], z[sel], symmetric, w_sel, buf[: b * k].reshape(b, k)))
+        better = err < best_err[sel]
+        won = sel[better]
+        best_err[won] = err[better]
+        best_s[won] = s[won]
+        if not symmetric:
+            best_z[won] = z[won]
+    return best_s.reshape(shape), best_z.reshape(shape), (_codes(xt, best_s, best_z, 0) if codes else None)
+
+
+def search_threads() -> int:
+    """Threads for the clipping search (numpy releases the GIL in its loops): ``ROW_THREADS``, else
+    ``ONNXCOMPRESS_THREADS`` (the batch runner's share of the cores), else the usable cores; at most 4.
+    The results do not depend on it (rows are searched independently)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    wanted = ROW_THREADS
+    if not wanted:
+        try:
+            wanted = int(os.environ.get("ONNXCOMPRESS_THREADS", "0") or 0)
+        except ValueError:
+            wanted = 0
+    return max(1, min(4, cores, wanted if wanted > 0 else cores))
+
+
+_POOL: dict[tuple[int, int], Any] = {}  # (process id, threads) -> a ThreadPoolExecutor kept for reuse
+
+
+def for_each(fn: Callable[[int], None], starts: Sequence[int]) -> None:
+    """``fn(start)`` for every start, on :func:`search_threads` threads when there are several starts."""
+    threads = min(search_threads(), len(starts))
+    if threads <= 1:
+        for start in starts:
+            fn(start)
+        return
+    key = (os.getpid(), threads)  # a forked child (process pools) has none of its parent's threads
+    if key not in _POOL:
+        from concurrent.futures import ThreadPoolExecutor  # imported by the first weight that needs it
+
+        _POOL[key] = ThreadPoolExecutor(threads, thread_name_prefix="onnxcompress-search")
+    for _ in _POOL[key].map(fn, starts):  # re-raises a chunk's exception
+        pass
 
 
 def _check_scale_bits(scale_bits: int) -> None:
@@ -243,7 +446,8 @@ def quantize_rtn(
     scale_bits: int = 16,
     col_weight: np.ndarray | None = None,
 ) -> Quantized:
-    """Round-to-nearest block quantization of ``w [N, K]`` (rows processed in chunks).
+    """Round-to-nearest block quantization of ``w [N, K]``, its rows searched in chunks of about
+    ``SEARCH_CHUNK`` values, on :func:`search_threads` threads (the result does not depend on either).
 
     ``scale_bits``: 16 (float16 scales) or 8 (int8 codes times a per-row step, module docstring).
     ``col_weight`` (``[K]``, e.g. ``diag H``): weights of the clipping search's squared error per column.
@@ -261,13 +465,20 @@ def quantize_rtn(
     codes = np.empty((n, nb * block), dtype=np.uint8)
     scales = np.empty((n, nb), dtype=np.float32)
     zeros = np.empty((n, nb), dtype=np.uint8)
-    for r0 in range(0, n, ROW_CHUNK):
-        wb = wp[r0 : r0 + ROW_CHUNK].reshape(-1, nb, block)
-        st = None if step is None else step[r0 : r0 + ROW_CHUNK, None]
-        s, z = block_params(wb, symmetric, clip_search, cw, step=st)
-        codes[r0 : r0 + ROW_CHUNK] = _codes(wb, s, z).reshape(-1, nb * block)
-        scales[r0 : r0 + ROW_CHUNK] = s
-        zeros[r0 : r0 + ROW_CHUNK] = z
+    rows = max(1, SEARCH_CHUNK // max(1, nb * block))
+    chunks = max(-(-n // rows), min(search_threads(), n // MIN_CHUNK_ROWS))  # every thread busy when worth it
+    rows = max(1, -(-n // max(1, chunks)))  # chunks of equal size
+
+    def chunk(r0: int) -> None:  # rows are independent: chunks run on several threads (same results)
+        r1 = r0 + rows
+        wb = wp[r0:r1].reshape(-1, nb, block)
+        st = None if step is None else step[r0:r1, None]
+        s, z, u = _search(wb, symmetric, clip_search, cw, st, codes=True)
+        codes[r0:r1].reshape(-1, block)[...] = u.astype(np.uint8).T  # integral 0..15: exact
+        scales[r0:r1] = s
+        zeros[r0:r1] = z
+
+    for_each(chunk, range(0, n, rows))
     return Quantized(codes, scales, zeros, k, block, scale_step=step)
 
 
