@@ -29,12 +29,11 @@ from onnxcompress import io
 from onnxcompress.errors import OnnxCompressError
 from onnxcompress.passes.calibrate import ActivationTap
 from onnxcompress.validate import (
+    VALIDATION_ROWS,
     _rows_for,
     _run_feed,
-    _run_model,
     batch_rows,
     compare,
-    couples_samples,
     make_session,
     run_session,
 )
@@ -213,8 +212,9 @@ def test_activation_tap_iterates_in_slices(tmp_path: Path) -> None:
     np.testing.assert_allclose(np.concatenate(parts), whole, rtol=1e-5, atol=1e-6)
 
 
-def test_dynamic_quantization_runs_whole_feeds(tmp_path: Path) -> None:
-    # DynamicQuantizeLinear scales over the whole run: slices would change the outputs.
+def test_dynamic_quantization_is_validated_in_slices(tmp_path: Path) -> None:
+    # DynamicQuantizeLinear scales over its run: validation slices it like any other model (bounded
+    # memory for any number of samples), so each slice of VALIDATION_ROWS gets its own scale.
     g = h.make_graph(
         [
             h.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
@@ -227,14 +227,30 @@ def test_dynamic_quantization_runs_whole_feeds(tmp_path: Path) -> None:
     model = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
     model.ir_version = 8
     dql = save(model, tmp_path / "dql.onnx")
-    plain = save(matmul_model(), tmp_path / "plain.onnx")
-    assert couples_samples(dql) and not couples_samples(plain)
+    # The original: y = x, with 9 MB of (unused) weights so that its feeds are sliced.
+    pad = nh.from_array(np.zeros(9 * MB // 4, np.float32), "pad")
+    ident = h.make_graph(
+        [h.make_node("Identity", ["x"], ["y"])],
+        "ident",
+        [h.make_tensor_value_info("x", T.FLOAT, ["batch", 4])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["batch", 4])],
+        [pad],
+    )
+    original = save(h.make_model(ident, opset_imports=[h.make_opsetid("", 17)], ir_version=8), tmp_path / "id.onnx")
     sess = make_session(dql)
-    assert batch_rows(sess) > 0 and _rows_for(sess, dql, big := tmp_path / "big") == 0
-    big.write_bytes(b"\0" * (9 * MB))  # an original of 9 MB: feeds are sliced for models without such ops
-    assert _rows_for(make_session(plain), plain, big) > 0
-    assert _rows_for(make_session(plain), plain, plain) == 0  # a small original: whole feeds
-    x = np.concatenate([np.ones((8, 4)), 100 * np.ones((8, 4))]).astype(np.float32)
+    assert batch_rows(sess) == VALIDATION_ROWS
+    assert _rows_for(sess, original) == VALIDATION_ROWS  # a large original: sliced, DQL or not
+    assert _rows_for(sess, dql) == 0  # a small original: whole feeds
+    assert _rows_for(make_session(plain := save(matmul_model(), tmp_path / "plain.onnx")), plain) == 0
+    rng = np.random.default_rng(3)
+    n = 2 * VALIDATION_ROWS + 3
+    x = (rng.standard_normal((n, 4)) * np.repeat([1.0, 100.0, 5.0], [8, 8, 3])[:, None]).astype(np.float32)
     whole = sess.run(None, {"x": x})[0]
-    assert not np.allclose(_run_feed(sess, ["y"], {"x": x}, rows=8)[0], whole)  # slices would differ
-    np.testing.assert_array_equal(_run_model(dql, [{"x": x}], "m")["y"][0], whole)
+    sliced = np.concatenate(
+        [sess.run(None, {"x": x[r : r + VALIDATION_ROWS]})[0] for r in range(0, n, VALIDATION_ROWS)]
+    )
+    assert not np.allclose(sliced, whole)  # the slices' scales differ from the whole run's
+    np.testing.assert_array_equal(_run_feed(sess, ["y"], {"x": x}, rows=VALIDATION_ROWS)[0], sliced)
+    report = compare(original, dql, [{"x": x}], ["cosine>=0"], parts=False)
+    assert report.outputs["y"].max_abs == pytest.approx(float(np.max(np.abs(sliced - x))), rel=1e-6)
+    assert report.outputs["y"].max_abs != pytest.approx(float(np.max(np.abs(whole - x))), rel=1e-3)

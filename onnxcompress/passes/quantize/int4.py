@@ -135,7 +135,7 @@ import onnx_graphsurgeon as gs
 from ...errors import OnnxCompressError
 from ...graph import GraphTree, Model, all_tensor_names, constant_meta, constant_value, fresh_name, iter_nodes
 from ...io import stage
-from ...validate import make_session, release_memory
+from ...validate import drop_mapped_pages, make_session, release_memory
 from ..base import GraphSize, Params, PassContext, PassReport, is_excluded
 from ..calibrate import (
     ActivationTap,
@@ -591,11 +591,15 @@ class Int4Pass:
                     if self._gptq:
                         if prep is None:
                             assert h is not None  # dropped only once prepared
-                            prep = self._prepare(h)
+                            if scaling is None and not self._awq:  # the next readers of this Hessian need only prep
+                                summed[key] = None
+                                once, h = _Once(h), None  # freed inside prepare_hessian once copied
+                                prep = self._prepare(once)  # type: ignore[arg-type]
+                                del once
+                            else:
+                                prep = self._prepare(h)
                             if scaling is None:
                                 prepared[key] = prep
-                                if not self._awq:  # the next readers of this Hessian need only prep
-                                    summed[key] = None
                         h = None  # GPTQ reads prep only: the float64 matrix can go now
                         if isinstance(prep, str):
                             fallback.append({"tensor": w.tensor.name, "reason": prep})
@@ -746,7 +750,15 @@ class Int4Pass:
 
             def run(values: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
                 try:
-                    return [session.run(outputs, {**feed, **values}) for feed in feeds]
+                    got = []
+                    for feed in feeds:
+                        got.append(session.run(outputs, {**feed, **values}))
+                        # the pages of the mapped weights (embedding rows) it read: else all become resident
+                        # what the run left resident: freed heap pages and the mapped weight pages it read
+                        # (not evicted from the page cache: the many short runs would wait for the disk)
+                        trim_heap()
+                        drop_mapped_pages(folder)
+                    return got
                 except Exception as exc:  # onnxruntime raises its own exception types
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     raise OnnxCompressError(f"sensitivity run failed: {first[:200]}") from None
@@ -849,9 +861,28 @@ def collect_hessians(
                         prev.add(x)
                     del x
                 del values
-                trim_heap()  # the slice's outputs and temporaries are freed by now
+                tap.release()  # the slice's outputs, temporaries and mapped weight pages (see ActivationTap.release)
     PackedHessian.release()
+    trim_heap()  # the scratch buffers just dropped (the tap's own release ran before)
     return sums
+
+
+class _Once:
+    """An array handed to :func:`~.gptq.prepare_hessian` that lets go of it once read (an array-like:
+    ``shape`` and ``__array__``): ``prepare_hessian`` copies ``H`` into its padded float64 buffer
+    first, and would otherwise hold the argument through the whole factorisation (MiniLM,
+    ``K = 1536``: a 9 MB float32 matrix beside the float64 ones at the GPTQ phase's peak).
+    Read once only; the values are the same."""
+
+    def __init__(self, m: np.ndarray) -> None:
+        self.m: np.ndarray | None = m
+        self.shape = m.shape
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        m, self.m = self.m, None
+        if m is None:
+            raise ValueError("_Once: read twice")
+        return m if dtype is None else m.astype(dtype, copy=False)
 
 
 def summed_hessian(
