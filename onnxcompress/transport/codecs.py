@@ -38,7 +38,6 @@ length (and the old chunk for deltas).
 
 from __future__ import annotations
 
-import os
 import struct
 from typing import Any
 
@@ -46,6 +45,7 @@ import constriction
 import numpy as np
 import zstandard
 
+from .. import cores
 from ..errors import OnnxCompressError
 
 # chunk codecs (CONTEXT: container version 2 and later)
@@ -787,19 +787,9 @@ NEIGHBOUR_THREADS = 0  # 0: ONNXCOMPRESS_THREADS if set, else every usable core 
 
 def _search_cores() -> int:
     """Threads for the row search (its matrix products release the GIL): ``NEIGHBOUR_THREADS``, else
-    ``ONNXCOMPRESS_THREADS`` (the batch runner's share of the cores), else the usable cores; at most 4.
+    ``ONNXCOMPRESS_THREADS``, else the usable cores; at most 4 (:func:`onnxcompress.cores.search_threads`).
     The result does not depend on it (each super-block is searched on its own)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    wanted = NEIGHBOUR_THREADS
-    if not wanted:
-        try:
-            wanted = int(os.environ.get("ONNXCOMPRESS_THREADS", "0") or 0)
-        except ValueError:
-            wanted = 0
-    return max(1, min(4, cores, wanted if wanted > 0 else cores))
+    return cores.search_threads(NEIGHBOUR_THREADS)
 
 
 def _neighbours(v: np.ndarray, xn: np.ndarray, norm2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -53,6 +53,8 @@ from typing import Any
 
 import numpy as np
 
+from ... import cores
+
 QMAX_U4 = 15
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 ROW_CHUNK = 256  # rows per chunk in the clipping search: its temporaries stay in cache (rows are independent)
@@ -399,19 +401,9 @@ def _search(
 
 def search_threads() -> int:
     """Threads for the clipping search (numpy releases the GIL in its loops): ``ROW_THREADS``, else
-    ``ONNXCOMPRESS_THREADS`` (the batch runner's share of the cores), else the usable cores; at most 4.
+    ``ONNXCOMPRESS_THREADS``, else the usable cores; at most 4 (:func:`onnxcompress.cores.search_threads`).
     The results do not depend on it (rows are searched independently)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    wanted = ROW_THREADS
-    if not wanted:
-        try:
-            wanted = int(os.environ.get("ONNXCOMPRESS_THREADS", "0") or 0)
-        except ValueError:
-            wanted = 0
-    return max(1, min(4, cores, wanted if wanted > 0 else cores))
+    return cores.search_threads(ROW_THREADS)
 
 
 _POOL: dict[tuple[int, int], Any] = {}  # (process id, threads) -> a ThreadPoolExecutor kept for reuse
