@@ -71,6 +71,24 @@ def iter_nodes(graph: gs.Graph) -> Iterator[tuple[gs.Graph, gs.Node]]:
             yield g, node
 
 
+def in_topological_order(graph: gs.Graph) -> bool:
+    """Whether every node of ``graph`` comes after the nodes of ``graph`` that compute its inputs.
+
+    A cheap check (one walk) to skip graphsurgeon's ``toposort`` where the order is already valid.
+    False when a node holds subgraphs: their reads of outer-scope tensors are not followed here.
+    """
+    pending = {id(t) for n in graph.nodes for t in n.outputs}
+    for node in graph.nodes:
+        for v in node.attrs.values():
+            if isinstance(v, gs.Graph) or (isinstance(v, (list, tuple)) and any(isinstance(x, gs.Graph) for x in v)):
+                return False
+        if any(id(t) in pending for t in node.inputs):
+            return False
+        for t in node.outputs:
+            pending.discard(id(t))
+    return True
+
+
 def count_nodes(graph: gs.Graph) -> int:
     """Number of nodes, subgraphs included."""
     return sum(len(g.nodes) for g in iter_graphs(graph))

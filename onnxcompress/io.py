@@ -38,7 +38,7 @@ from google.protobuf.message import DecodeError
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import OnnxCompressError
-from .graph import Model, constant_placement, iter_graphs, tensor_nbytes
+from .graph import Model, constant_placement, in_topological_order, iter_graphs, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -871,7 +871,9 @@ def _export_split(
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
 
     graph = model.graph
-    graph.toposort(recurse_subgraphs=True)
+    if stub_bytes is None or not in_topological_order(graph):
+        # a skeleton (shape inference) only needs a valid order; a saved model gets graphsurgeon's
+        graph.toposort(recurse_subgraphs=True)
     exporter = _Exporter(graph, stub_bytes)
     graph_proto = exporter.graph(graph, do_type_check=type_check, initializers=False)
     functions = [OnnxExporter.export_function(f) for f in graph.functions]

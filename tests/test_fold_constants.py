@@ -179,6 +179,30 @@ def test_dedup_and_cse(tmp_path: Path) -> None:
     assert_equivalent(src, out, [{"x": np.ones((2, 16), np.float32)}], atol=1e-6)
 
 
+def test_dedup_confirms_bytes_on_a_hash_match(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tensor hashes alike here: only the byte-identical pair may be merged."""
+    from onnxcompress.passes.fold import dedup
+
+    monkeypatch.setattr(dedup.zlib, "crc32", lambda raw: 7)
+    rng = np.random.default_rng(1)
+    w, v = (rng.standard_normal((16, 16)).astype(np.float32) for _ in range(2))
+    g = h.make_graph(
+        [h.make_node("MatMul", ["x", n], [n + "_y"]) for n in ("W1", "W2", "V")]
+        + [h.make_node("Sum", ["W1_y", "W2_y", "V_y"], ["y"])],
+        "dup",
+        [h.make_tensor_value_info("x", T.FLOAT, ["N", 16])],
+        [h.make_tensor_value_info("y", T.FLOAT, ["N", 16])],
+        [nh.from_array(w, "W1"), nh.from_array(v, "V"), nh.from_array(w.copy(), "W2")],
+    )
+    src = save(_model(g), tmp_path / "m.onnx")
+    model = oc.load(src)
+    report = DedupConstantsPass().run(model, PassContext())
+    out = oc.save(model, tmp_path / "f.onnx")
+    assert report.stats["merged"] == 1
+    assert sorted(i.name for i in onnx.load(str(out)).graph.initializer) == ["V", "W1"]
+    assert_equivalent(src, out, [{"x": np.ones((2, 16), np.float32)}], atol=1e-6)
+
+
 def test_fold_constant_nodes_become_initializers(tmp_path: Path) -> None:
     src = save(conv_model(opset=11, constant_nodes=True), tmp_path / "c.onnx")
     model = oc.load(src)

@@ -289,3 +289,19 @@ def test_staging_with_external_data_leaves_the_loaded_model_savable(tmp_path: Pa
     got = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
     np.testing.assert_array_equal(got["w"], w)
     np.testing.assert_array_equal(got["b"], b)
+
+
+def test_topological_order_check_and_skeleton_export(tmp_path: Path) -> None:
+    """The skeleton (shape inference) skips graphsurgeon's toposort only where the order is valid."""
+    from onnxcompress.graph import in_topological_order
+    from onnxcompress.shapes import infer_shapes
+
+    model = oc.load(save(matmul_model(), tmp_path / "m.onnx"))
+    assert in_topological_order(model.graph)
+    model.graph.nodes.reverse()  # MatMul -> Add becomes Add -> MatMul: invalid
+    assert not in_topological_order(model.graph)
+    assert infer_shapes(model) == []  # toposorts first: onnx needs a valid order
+    assert in_topological_order(model.graph)
+    assert all(t.shape is not None for n in model.graph.nodes for t in n.outputs)
+    branched = oc.load(save(if_model(), tmp_path / "if.onnx"))
+    assert not in_topological_order(branched.graph)  # a node with subgraphs: never skipped

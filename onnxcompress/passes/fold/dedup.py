@@ -1,8 +1,8 @@
 """Deduplication: byte-identical constants shared, identical nodes computed once.
 
-* ``DedupConstantsPass``: constants with the same dtype, shape and bytes (compared by a SHA-256 of
-  their bytes, after grouping by dtype/shape so most tensors are never hashed) are replaced by one
-  of them. The survivor is written in the lowest graph that encloses all its readers, so a weight
+* ``DedupConstantsPass``: constants with the same dtype, shape and bytes (found by a CRC-32 of their
+  bytes, after grouping by dtype/shape so most tensors are never read, and confirmed byte for byte:
+  a CRC collision never merges different tensors) are replaced by one of them. The survivor is written in the lowest graph that encloses all its readers, so a weight
   duplicated in two ``If`` branches ends up once in the parent. Exact: the values are identical.
 * ``CommonSubexpressionPass``: nodes of one graph with the same op, domain, attributes and the very
   same input tensors compute the same outputs (ONNX ops are pure, random ops excepted); the later
@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import zlib
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ from ...graph import (
     Model,
     constant_value,
     detach_node,
+    in_topological_order,
     iter_graphs,
     replace_tensor,
 )
@@ -67,12 +68,13 @@ class DedupConstantsPass:
         for members in groups.values():
             if len(members) < 2:
                 continue
-            seen: dict[str, gs.Constant] = {}
+            seen: dict[int, list[gs.Constant]] = {}
             for c in members:
-                arr = np.ascontiguousarray(constant_value(c, cache=False))  # one tensor in memory at a time
-                digest = hashlib.sha256(arr.view(np.uint8).reshape(-1) if arr.size else b"").hexdigest()
-                keep = seen.setdefault(digest, c)
-                if keep is c:
+                raw = _raw(c)  # one tensor in memory at a time (two on a CRC match)
+                same = seen.setdefault(zlib.crc32(raw), [])
+                keep = next((k for k in same if np.array_equal(_raw(k), raw)), None)
+                if keep is None:
+                    same.append(c)
                     continue
                 for consumer in list(c.outputs):
                     for i, t in enumerate(consumer.inputs):
@@ -101,7 +103,8 @@ class CommonSubexpressionPass:
         tree = GraphTree(model.graph)
         merged = 0
         for g in iter_graphs(model.graph):
-            g.toposort(recurse_subgraphs=False)
+            if not in_topological_order(g):
+                g.toposort(recurse_subgraphs=False)
             seen: dict[tuple[Any, ...], gs.Node] = {}
             for node in list(g.nodes):
                 key = _node_key(node)
@@ -118,6 +121,12 @@ class CommonSubexpressionPass:
         report.modified = merged > 0
         report.stats = before.stats(model, merged > 0, merged=merged)
         return report
+
+
+def _raw(c: gs.Constant) -> np.ndarray:
+    """The bytes of a constant's value as a flat uint8 array (read afresh, not cached)."""
+    arr = np.ascontiguousarray(constant_value(c, cache=False))
+    return arr.view(np.uint8).reshape(-1) if arr.size else np.zeros(0, np.uint8)
 
 
 def _freeze(value: Any) -> Any:
