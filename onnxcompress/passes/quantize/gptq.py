@@ -30,7 +30,10 @@ GPTQ (Frantar et al., 2023, "GPTQ: Accurate Post-Training Quantization for Gener
 Transformers") minimises the layer's output error on calibration inputs ``X [n, K]``,
 ``||X W^T - X W'^T||^2 = tr((W - W') H (W - W')^T)`` with ``H = X^T X``, one column at a time:
 
-1. dead columns (``H_kk = 0``) are zeroed; ``H += damp * mean(diag H) * I``;
+1. dead columns (``H_kk = 0``) are zeroed; optional shrinkage toward the diagonal,
+   ``H = (1 - shrink) H + shrink diag(H)`` (the off-diagonal terms scaled by ``1 - shrink``: a few
+   hundred calibration tokens estimate ``H`` poorly; ``shrink = 1`` quantizes every column on its own);
+   then ``H += damp * mean(diag H) * I``;
 2. optional act-order: columns are processed by decreasing ``H_kk`` (the block structure still
    follows the original column order: a block's scales are computed when its first column is reached);
 3. ``U = cholesky(H^-1)^T`` (upper); for column ``k``: ``q_k = quant(w_k)``,
@@ -575,8 +578,11 @@ class PreparedHessian:
     col_weight: np.ndarray
 
 
-def prepare_hessian(h: np.ndarray, block: int, damp: float = 0.01, act_order: bool = False) -> PreparedHessian:
-    """Pad ``h [K, K]`` to a multiple of ``block``, damp it and factor its inverse.
+def prepare_hessian(
+    h: np.ndarray, block: int, damp: float = 0.01, act_order: bool = False, shrink: float = 0.0
+) -> PreparedHessian:
+    """Pad ``h [K, K]`` to a multiple of ``block``, shrink it toward its diagonal (``shrink`` in ``[0, 1]``:
+    the off-diagonal terms times ``1 - shrink``), damp it and factor its inverse.
 
     Memory: one float64 ``K_pad x K_pad`` copy (permuted only with ``act_order``) plus what the
     factorisation needs (:func:`_inverse_cholesky_upper` drops each intermediate, the damped copy
@@ -599,6 +605,12 @@ def prepare_hessian(h: np.ndarray, block: int, damp: float = 0.01, act_order: bo
     perm = np.argsort(-diag, kind="stable") if act_order else np.arange(kp)
     if act_order:  # the identity permutation would copy hp for nothing
         hp = hp[np.ix_(perm, perm)]
+    shrink = min(max(float(shrink), 0.0), 1.0)
+    if shrink > 0.0:  # (1 - a) H + a diag(H), in place: the diagonal is kept, the rest scaled
+        kept = np.diagonal(hp).copy()
+        hp *= 1.0 - shrink
+        hp[np.diag_indices(kp)] = kept
+        del kept
     hp[np.diag_indices(kp)] += max(damp, 0.0) * float(np.mean(np.diagonal(hp)))
     holder = [hp]
     del hp  # the factorisation drops it once factored (see _inverse_cholesky_upper)
@@ -617,10 +629,11 @@ def gptq(
     act_order: bool = False,
     batch: int = 128,
     scale_bits: int = 16,
+    shrink: float = 0.0,
 ) -> Quantized:
     """GPTQ of ``w [N, K]`` given ``h [K, K] = sum X^T X`` over calibration inputs (module docstring).
 
-    ``h`` may be a :class:`PreparedHessian` (then ``damp`` and ``act_order`` are those it was made with).
+    ``h`` may be a :class:`PreparedHessian` (then ``damp``, ``act_order`` and ``shrink`` are those it was made with).
     ``scale_bits``: 16 (float16 scales) or 8 (int8 codes times a per-row step).
 
     Raises:
@@ -629,7 +642,7 @@ def gptq(
     _check_scale_bits(scale_bits)
     n, k = w.shape
     step = row_scale_step(w) if scale_bits == 8 else None
-    prep = h if isinstance(h, PreparedHessian) else prepare_hessian(h, block, damp, act_order)
+    prep = h if isinstance(h, PreparedHessian) else prepare_hessian(h, block, damp, act_order, shrink)
     wp = pad_columns(np.asarray(w, dtype=np.float32), block)
     kp = wp.shape[1]
     nb = kp // block
