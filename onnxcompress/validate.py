@@ -72,6 +72,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .errors import OnnxCompressError
+from .io import trim_heap as _io_trim_heap
 
 SNR_CAP = 300.0
 _M = TypeVar("_M", bound="Metrics")
@@ -753,25 +754,15 @@ def release_memory() -> None:
 
 
 def trim_heap() -> None:
-    """Hand the free pages of the C heap back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+    """Hand the free pages of the C heap back to the system (glibc ``malloc_trim``; a no-op elsewhere;
+    :func:`onnxcompress.io.trim_heap`).
 
     onnxruntime's outputs and numpy temporaries of a few MB are carved from the heap once glibc's
     dynamic mmap threshold has risen; freed, they stay resident between live blocks. Trimming after
     each calibration slice keeps that from accumulating (MiniLM, int8-dynamic: -45 MB).
     """
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
+    _io_trim_heap()
 
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM: Any = None
 
 # Mapped weights of at least this many resident bytes are handed back by drop_mapped_pages.
 DROP_MIN_BYTES = 1 << 20

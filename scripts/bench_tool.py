@@ -280,7 +280,9 @@ def _ours_spec(model: Path, mode: str, out: Path, validate: bool, transport: boo
         argv.append("--no-transport-size")
     if not validate:
         argv.append("--skip-validation")
-    return {"kind": "ours", "argv": argv}
+    # this script's own package (its tree, compiled by compile_packages), not whatever an editable
+    # install of the venv points at: a copy of the repository measures its own code
+    return {"kind": "ours", "argv": argv, "env": {"PYTHONPATH": str(ROOT)}}
 
 
 def _our_variants() -> list[tuple[str, bool, bool]]:

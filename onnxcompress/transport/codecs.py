@@ -47,6 +47,7 @@ import zstandard
 
 from .. import cores
 from ..errors import OnnxCompressError
+from ..io import trim_heap
 
 # chunk codecs (CONTEXT: container version 2 and later)
 RAW, ZSTD, PLANES, SYMBOLS, CONTEXT, NEIGHBOUR = 0, 1, 2, 3, 4, 5
@@ -62,6 +63,7 @@ CODEC_NAMES = {
 P_RAW, P_ZSTD, P_ANS = 0, 1, 2
 
 ZSTD_LEVEL = 3
+TRIM_MIN_BYTES = 1 << 20  # chunks from this size on: the heap is trimmed after each coder
 CHUNK_BYTES = 16 * 2**20
 _ONE_BYTE = {2, 3}  # UINT8, INT8
 _NIBBLES = {21, 22, 23}  # UINT4, INT4, FLOAT4E2M1
@@ -212,22 +214,38 @@ def _encode_reverse(coder: Any, symbols: np.ndarray, model: Any, offset: int = 0
         coder.encode_reverse(part, model)
 
 
+def _words(coder: Any) -> bytes:
+    """The coder's compressed words as little-endian bytes (the coder's array is not copied once more
+    on a little-endian machine)."""
+    words = coder.get_compressed()
+    return np.asarray(words, dtype="<u4").tobytes()
+
+
 def _ans_encode(streams: list[tuple[np.ndarray, np.ndarray, int]]) -> bytes:
     """Code several symbol streams with one rANS stack.
 
     Args:
-        streams: ``(symbols, classes, alphabet)``; symbols (any integer type) are grouped by their class
-            (stable), each class with its own table. The decoder knows the classes (and so the
-            number of symbols in each).
+        streams: ``(symbols, classes, alphabet)``; symbols (any integer type), 1-D with one class per
+            symbol or 2-D (C-contiguous) with one class per row, are grouped by their class (stable,
+            in row-major order), each class with its own table. The decoder knows the classes (and
+            so the number of symbols in each). The list is emptied as it is read: a stream's symbols
+            are not held beyond their grouped copy.
 
     Returns: per stream its table, then the rANS words.
     """
     coder = constriction.stream.stack.AnsCoder()
     head = []
     plan = []
-    for symbols, classes, alphabet in streams:
+    count = len(streams)
+    streams.reverse()
+    while streams:
+        symbols, classes, alphabet = streams.pop()
         groups = int(classes.max()) + 1 if classes.size else 1
-        parts = [symbols] if groups == 1 else [symbols[classes == g] for g in range(groups)]
+        if groups == 1:
+            parts = [symbols.reshape(-1)]
+        else:  # per-row classes select whole rows: the symbols of per-symbol classes, in the same order
+            parts = [symbols[classes == g].reshape(-1) for g in range(groups)]
+        del symbols, classes
         counts = np.stack([_histogram(p, alphabet) for p in parts])
         table, blob, _bits = _quantized_table(counts)
         head.append(struct.pack("<II", groups, alphabet) + _blob(blob))
@@ -238,8 +256,8 @@ def _ans_encode(streams: list[tuple[np.ndarray, np.ndarray, int]]) -> bytes:
             if part.size:
                 model = constriction.stream.model.Categorical(table[g].astype(np.float64), perfect=False)
                 _encode_reverse(coder, part, model)
-    words = coder.get_compressed().astype("<u4").tobytes()
-    return struct.pack("<I", len(streams)) + b"".join(head) + _blob(words)
+    words = _words(coder)
+    return struct.pack("<I", count) + b"".join(head) + _blob(words)
 
 
 def _ans_decode(r: _Reader, classes_per_stream: list[np.ndarray]) -> list[np.ndarray]:
@@ -341,6 +359,28 @@ def _row_spread(values: np.ndarray) -> np.ndarray:
     return values.astype(np.float32).std(axis=1)
 
 
+def _row_spreads(m: np.ndarray, alphabet: int, signed: bool) -> np.ndarray:
+    """``_row_spread(_spread_values(m, alphabet, signed))``, a slab of rows at a time: the same floats
+    without full-size copies (a chunk of 8 MB of symbols: 72 MB of int8 and float32 temporaries).
+
+    Each row's deviation is its own reduction and a slab keeps ``m``'s layout, so numpy sums every
+    row the way it does over the whole: pairwise along a contiguous row, one column after another
+    along a transposed one (then no slab is a single row, which numpy would sum pairwise).
+    """
+    rows, cols = m.shape
+    if rows * cols <= SLAB or rows < 4:
+        return _row_spread(_spread_values(m, alphabet, signed))
+    out = np.empty(rows, np.float32)
+    step = max(2, SLAB // max(1, cols))
+    starts = list(range(0, rows, step))
+    if rows - starts[-1] == 1:  # no single-row slab (see above): the last row joins the slab before
+        starts.pop()
+    for i, r0 in enumerate(starts):
+        r1 = starts[i + 1] if i + 1 < len(starts) else rows
+        out[r0:r1] = _row_spread(_spread_values(m[r0:r1], alphabet, signed))
+    return out
+
+
 def _row_classes(values: np.ndarray, groups: int, spread: np.ndarray | None = None) -> np.ndarray:
     """Class of each row (axis 0 of ``values``, 2-D) by the quantile of its standard deviation
     (``spread``: that deviation when already computed by :func:`_row_spread`)."""
@@ -354,9 +394,14 @@ def _row_classes(values: np.ndarray, groups: int, spread: np.ndarray | None = No
 
 def _streams(data: np.ndarray, mode: str, signed: bool) -> list[np.ndarray]:
     """Symbol streams (uint8 with values in [0, alphabet)): the bytes, or their low and high nibbles."""
+    return [_stream(data, mode, k) for k in range(1 if mode == "bytes" else 2)]
+
+
+def _stream(data: np.ndarray, mode: str, k: int) -> np.ndarray:
+    """Stream ``k`` of :func:`_streams` alone."""
     if mode == "bytes":
-        return [data]
-    return [data & 0x0F, data >> 4]
+        return data
+    return data & 0x0F if k == 0 else data >> 4
 
 
 def _spread_values(stream: np.ndarray, alphabet: int, signed: bool) -> np.ndarray:
@@ -431,14 +476,19 @@ def _encode_symbols(data: np.ndarray, row_len: int, kind: str, signed: bool) -> 
     alphabet = 256 if mode == "bytes" else 16
     streams = []
     class_blobs = []
-    for s in _streams(data, mode, signed):
-        m = s.reshape(rows, -1)
+    # One stream at a time, each as a C-contiguous matrix with one class per row (not a per-symbol copy
+    # of the classes): a chunk of 8 MB of symbols takes ~40 MB here instead of ~75 MB.
+    for k in range(1 if mode == "bytes" else 2):
+        m = _stream(data, mode, k).reshape(rows, -1)
         if axis:
             m = m.T
-        classes = _row_classes(_spread_values(m, alphabet, signed), groups)
+        spread = _row_spreads(m, alphabet, signed) if groups > 1 and m.shape[0] >= groups else None
+        classes = _row_classes(m, groups, spread)
+        del spread
         if groups > 1:
             class_blobs.append(_zc(classes.tobytes(), 19))
-        streams.append((np.ascontiguousarray(m).ravel(), np.repeat(classes, m.shape[1]), alphabet))
+        streams.append((np.ascontiguousarray(m), classes, alphabet))
+        del m
     body = _ans_encode(streams)
     head = struct.pack("<BBBQQ", 0 if mode == "bytes" else 1, axis, groups, rows, row_len)
     return head + b"".join(_blob(c) for c in class_blobs) + _blob(body)
@@ -711,7 +761,7 @@ def _encode_context(data: np.ndarray, row_len: int, inner: int | None, signed: b
     _bits, nu_code, qr, qc, side = _ctx_choose(v, 128, ("rc", "r", "c"))
     coder = constriction.stream.stack.AnsCoder()
     _ctx_encode_groups(coder, v.ravel(), _ctx_index(qr, qc).ravel(), _ctx_table_set(nu_code), offset=128)
-    words = coder.get_compressed().astype("<u4").tobytes()
+    words = _words(coder)
     head = struct.pack("<BBQQ", center, nu_code, rows, cols)
     return head + b"".join(_blob(b) for b in side) + _blob(words)
 
@@ -858,6 +908,8 @@ def _encode_neighbour(data: np.ndarray, row_len: int, inner: int | None, signed:
         return None
     refs, betas = _neighbours(v, xn, norm2)
     del xn
+    if data.size >= TRIM_MIN_BYTES:
+        trim_heap()  # the unit rows (4 bytes per symbol) and the search threads' buffers
     if not betas.any():
         return None
     d = np.empty((rows, cols), np.int16)  # residuals lie in -384..384
@@ -865,6 +917,7 @@ def _encode_neighbour(data: np.ndarray, row_len: int, inner: int | None, signed:
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         np.subtract(v[r0:r1], _predict(v, refs[r0:r1], betas[r0:r1]), out=d[r0:r1], casting="unsafe")
+    del v
     _bits, nu_code, qr, qc, side = _ctx_choose(d, NB_HALF, ("rc", "r"))
     idx = _ctx_index(qr, qc)
     tables = _ctx_table_set(nu_code, NB_HALF)
@@ -872,10 +925,11 @@ def _encode_neighbour(data: np.ndarray, row_len: int, inner: int | None, signed:
     for b0 in reversed(range(0, rows, NB_BLOCK)):
         b1 = min(rows, b0 + NB_BLOCK)
         _ctx_encode_groups(coder, d[b0:b1].ravel(), idx[b0:b1].ravel(), tables, offset=NB_HALF)
+    del d, idx  # not beside the coded words' copies below
     used = betas != 0  # their references: uniform over the rows before their block, decoded first
     starts = (np.arange(rows) // NB_BLOCK * NB_BLOCK)[used].astype(np.int32)
     coder.encode_reverse(refs[used].astype(np.int32), constriction.stream.model.Uniform(), starts)
-    words = coder.get_compressed().astype("<u4").tobytes()
+    words = _words(coder)
     head = struct.pack("<BBQQI", center, nu_code, rows, cols, NB_BLOCK)
     side += [_zc(betas.tobytes(), CTX_SIDE_LEVEL)]
     return head + b"".join(_blob(b) for b in side) + _blob(words)
@@ -966,6 +1020,9 @@ def _encode_plain(
     inner: int | None = None,
 ) -> bytes:
     # Each candidate is dropped as soon as it is compared: one coded chunk is held beside the best.
+    # After each coder of a large chunk the heap is trimmed: its temporaries (tens of MB for 8 MB of
+    # symbols) would otherwise stay resident under the next coder's and the next chunk's.
+    trim = arr.size >= TRIM_MIN_BYTES
     z = _zc(arr)  # the array's buffer: no copy of the chunk
     best = bytes([RAW]) + arr.tobytes() if arr.size <= len(z) else bytes([ZSTD]) + z
     del z
@@ -976,6 +1033,8 @@ def _encode_plain(
         if len(p) < len(best):
             best = p
         del p
+        if trim:
+            trim_heap()
     elif kind in ("bytes", "nibbles"):
         sgn = signed if signed is not None else data_type in (3, 22)
         coders = [(SYMBOLS, lambda: _encode_symbols(arr, row_len, kind, sgn))]
@@ -987,6 +1046,8 @@ def _encode_plain(
             if body is not None and len(body) + 1 < len(best):
                 best = bytes([codec]) + body
             del body
+            if trim:
+                trim_heap()
     return best
 
 

@@ -50,7 +50,7 @@ import onnx
 import zstandard
 
 from ..errors import OnnxCompressError
-from ..io import PROTOBUF_LIMIT, TMP_PREFIX, resolve_external
+from ..io import PROTOBUF_LIMIT, TMP_PREFIX, resolve_external, trim_heap
 from . import codecs
 from .wire import TensorRef, WireError, find_tensors, has_graph
 
@@ -337,6 +337,7 @@ def write_package(files: list[FileLayout], sink_file: BinaryIO | None, *, base: 
     summary_files = []
     for lay in files:
         digest = _file_sha256(lay.path)
+        trim_heap()  # the 16 MB blocks just hashed: their pages would stay resident under the coding (~22 MB)
         summary_files.append({"name": lay.name, "size": lay.size, "sha256": digest})
         cdict = base.gap_dict(lay.name) if base is not None else None
         gap_total = sum(n for kind, _start, n in lay.segments() if kind == 0)
@@ -346,7 +347,8 @@ def write_package(files: list[FileLayout], sink_file: BinaryIO | None, *, base: 
         with cctx.stream_writer(gap, closefd=False) as w:
             for block in _gap_bytes(lay):
                 w.write(block)
-        del cctx, w  # zstd -19's tables take ~80 MB: freed before the tensors are coded
+        del cctx, w  # zstd -19's tables take ~80 MB: freed before the tensors are coded,
+        trim_heap()  # and their pages handed back (the heap kept ~24 MB of them: MiniLM int8)
         segments = [[kind, n] for kind, _start, n in lay.segments()]
         metas = []
         bases = []
