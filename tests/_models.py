@@ -136,6 +136,18 @@ def save(model: onnx.ModelProto, path: Path, external: bool = False) -> Path:
     return path
 
 
+def tiny_transformer_split(
+    calib_rows: int = 48, held_from: int = 64
+) -> tuple[Path, list[dict[str, np.ndarray]], dict[str, np.ndarray], np.ndarray]:
+    """The bundled tiny transformer, a calibration feed (its first ``calib_rows`` samples), the
+    held-out samples from ``held_from`` on, and the float model's first output on those."""
+    src = Path(__file__).resolve().parent.parent / "models" / "tiny_transformer.onnx"
+    feeds = dict(np.load(src.with_suffix(".inputs.npz")))
+    calib = [{k: v[:calib_rows] for k, v in feeds.items()}]
+    held = {k: v[held_from:] for k, v in feeds.items()}
+    return src, calib, held, run(src, held)[0]
+
+
 def run(path: Path | str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Run a model file in onnxruntime."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

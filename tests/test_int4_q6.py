@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from _models import _model, run, save
+from _models import _model, run, save, tiny_transformer_split
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -220,12 +220,7 @@ def test_hot_rows_skip_old_opsets_and_tables_cheaper_in_8_bits(tmp_path: Path) -
 
 
 def test_tiny_transformer_default_budget_with_hot_rows(tmp_path: Path) -> None:
-    models = Path(__file__).resolve().parent.parent / "models"
-    src = models / "tiny_transformer.onnx"
-    feeds = dict(np.load(models / "tiny_transformer.inputs.npz"))
-    calib = [{k: v[:48] for k, v in feeds.items()}]
-    held = {k: v[64:] for k, v in feeds.items()}
-    (ref,) = run(src, held)[:1]
+    src, calib, held, ref = tiny_transformer_split()
     errs = {}
     for hot in (0.0, DEFAULT_HOT_ROWS):
         model = oc.load(src)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _models import run
+from _models import run, tiny_transformer_split
 
 import onnxcompress as oc
 from onnxcompress.errors import OnnxCompressError
@@ -87,12 +87,7 @@ def test_shrink_param() -> None:
 
 
 def test_shrink_reaches_gptq_in_the_pass(tmp_path: Path) -> None:
-    models = Path(__file__).resolve().parent.parent / "models"
-    src = models / "tiny_transformer.onnx"
-    feeds = dict(np.load(models / "tiny_transformer.inputs.npz"))
-    calib = [{k: v[:48] for k, v in feeds.items()}]
-    held = {k: v[64:] for k, v in feeds.items()}
-    (ref,) = run(src, held)[:1]
+    src, calib, held, ref = tiny_transformer_split()
     outs = {}
     for a in ("0", "0.3", "1"):
         model = oc.load(src)
