@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from _models import _model, embedding_model, if_model, matmul_model, run, save
+from _rtn_reference import ref_block_params
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
@@ -636,33 +637,6 @@ def test_int8_scale_codes_on_a_batched_weight(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- memory / speed rewrites (bit-identical)
 
 
-def _block_params_reference(wb, symmetric, clip_search, weights=None, step=None):  # type: ignore[no-untyped-def]
-    """The clipping search as first written (one temporary per step, +z/-z for symmetric blocks)."""
-    from onnxcompress.passes.quantize.gptq import CLIP_RATIOS, _candidates, _codes
-
-    cands = _candidates(wb, symmetric, CLIP_RATIOS if clip_search else (1.0,), step)
-    best_s, best_z = cands[0]
-    best_s, best_z = best_s.copy(), best_z.copy()
-    best_err = None
-    for s, z in cands:
-        u = _codes(wb, s, z)
-        u -= z[..., None]
-        u *= s[..., None]
-        u -= wb
-        np.square(u, out=u)
-        if weights is not None:
-            u *= weights
-        err = u.sum(axis=-1)
-        if best_err is None:
-            best_err = err
-            continue
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_s = np.where(better, s, best_s)
-        best_z = np.where(better, z, best_z)
-    return best_s.astype(np.float32), best_z.astype(np.float32)
-
-
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("int8_scales", [False, True])
 def test_block_params_matches_the_reference_bit_for_bit(symmetric: bool, int8_scales: bool) -> None:
@@ -676,7 +650,7 @@ def test_block_params_matches_the_reference_bit_for_bit(symmetric: bool, int8_sc
     step = row_scale_step(w)[:, None] if int8_scales else None
     for wts in (None, weights):
         got = block_params(wb, symmetric, True, wts, step)
-        want = _block_params_reference(wb, symmetric, True, wts, step)
+        want = ref_block_params(wb, symmetric, True, wts, step)  # frozen in tests/_rtn_reference.py
         assert all(np.array_equal(g, r) for g, r in zip(got, want))
 
 
